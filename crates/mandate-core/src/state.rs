@@ -1,0 +1,112 @@
+//! Reading and writing the materialized state: a sorted key/value space. The storage layer
+//! provides [`StateRead`] over sled; [`Overlay`] collects one batch's writes on top of it so later
+//! commands of the batch see earlier ones, and so the whole batch is written atomically.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::error::StorageFault;
+use crate::{keys, pb};
+
+/// Read access to the materialized state.
+pub trait StateRead {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault>;
+}
+
+/// Pending writes (`None` = delete) layered over a base state.
+pub struct Overlay<'a, S: StateRead + ?Sized> {
+    base: &'a S,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
+    pub fn new(base: &'a S) -> Self {
+        Overlay {
+            base,
+            writes: BTreeMap::new(),
+        }
+    }
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+    pub fn put_message(&mut self, key: Vec<u8>, message: &impl Message) {
+        self.put(key, message.encode_to_vec());
+    }
+    /// The writes, in key order, to be applied as one atomic batch.
+    pub fn into_writes(self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+        self.writes
+    }
+}
+
+impl<S: StateRead + ?Sized> StateRead for Overlay<'_, S> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
+        match self.writes.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self.base.get(key),
+        }
+    }
+}
+
+impl StateRead for BTreeMap<Vec<u8>, Vec<u8>> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
+        Ok(BTreeMap::get(self, key).cloned())
+    }
+}
+
+/// Decodes a stored record; a record that does not decode is corruption, never a user error.
+pub fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M, StorageFault> {
+    M::decode(bytes).map_err(|e| {
+        StorageFault(format!(
+            "record at key {:?} does not decode: {e}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+fn get_message<M: Message + Default>(
+    state: &(impl StateRead + ?Sized),
+    key: &[u8],
+) -> Result<Option<M>, StorageFault> {
+    state.get(key)?.map(|bytes| decode(key, &bytes)).transpose()
+}
+
+/// Typed getters over any [`StateRead`].
+pub trait StateExt: StateRead {
+    fn agent(&self, id: &str) -> Result<Option<pb::Agent>, StorageFault> {
+        get_message(self, &keys::agent(id))
+    }
+    fn agent_id_by_name(&self, name: &str) -> Result<Option<String>, StorageFault> {
+        let key = keys::agent_name(name);
+        self.get(&key)?
+            .map(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    StorageFault(format!("agent name index for {name:?} is not UTF-8"))
+                })
+            })
+            .transpose()
+    }
+    fn operator_token(&self, id: &str) -> Result<Option<pb::OperatorToken>, StorageFault> {
+        get_message(self, &keys::token(id))
+    }
+    fn cluster(&self) -> Result<Option<pb::ClusterInfo>, StorageFault> {
+        get_message(self, keys::CLUSTER)
+    }
+    fn clock_ms(&self) -> Result<u64, StorageFault> {
+        match self.get(keys::CLOCK)? {
+            None => Ok(0),
+            Some(bytes) => {
+                let raw: [u8; 8] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StorageFault("clock record is not 8 bytes".into()))?;
+                Ok(u64::from_be_bytes(raw))
+            }
+        }
+    }
+}
+
+impl<T: StateRead + ?Sized> StateExt for T {}
