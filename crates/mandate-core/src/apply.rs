@@ -130,11 +130,15 @@ fn authenticate(
     token_id: &str,
 ) -> Result<Result<pb::OperatorToken, DomainError>, StorageFault> {
     if token_id.is_empty() {
-        return Ok(Err(DomainError::unauthenticated("an operator token is required")));
+        return Ok(Err(DomainError::unauthenticated(
+            "an operator token is required",
+        )));
     }
     Ok(match state.operator_token(token_id)? {
         Some(token) if token.revoked_ms == 0 => Ok(token),
-        Some(_) => Err(DomainError::unauthenticated("the operator token has been revoked")),
+        Some(_) => Err(DomainError::unauthenticated(
+            "the operator token has been revoked",
+        )),
         None => Err(DomainError::unauthenticated("unknown operator token")),
     })
 }
@@ -262,7 +266,10 @@ fn register_agent(
     if state.agent(&c.agent_id)?.is_some() {
         return Ok(Err(DomainError::exists(
             "id",
-            format!("agent id {} was already used; ids are never reused", c.agent_id),
+            format!(
+                "agent id {} was already used; ids are never reused",
+                c.agent_id
+            ),
         )));
     }
     if let Some(existing) = state.agent_id_by_name(&c.name)? {
@@ -303,9 +310,12 @@ fn existing_agent(
     }
     Ok(match state.agent(id)? {
         None => Err(DomainError::not_found("id", format!("no agent {id}"))),
-        Some(a) if !allow_retired && a.status == pb::AgentStatus::Retired as i32 => Err(
-            DomainError::precondition("status", format!("agent {id} is retired; its record is frozen")),
-        ),
+        Some(a) if !allow_retired && a.status == pb::AgentStatus::Retired as i32 => {
+            Err(DomainError::precondition(
+                "status",
+                format!("agent {id} is retired; its record is frozen"),
+            ))
+        }
         Some(a) => Ok(a),
     })
 }
@@ -324,7 +334,10 @@ fn update_agent(
     }
     let next = pb::AgentMetadataUpdated {
         agent_id: agent.id.clone(),
-        description: c.description.clone().unwrap_or_else(|| agent.description.clone()),
+        description: c
+            .description
+            .clone()
+            .unwrap_or_else(|| agent.description.clone()),
         model: c.model.clone().unwrap_or_else(|| agent.model.clone()),
         provider: c.provider.clone().unwrap_or_else(|| agent.provider.clone()),
         labels: c

@@ -42,7 +42,10 @@ fn parse_identifier(field: &str, value: &str) -> Result<String, DomainError> {
     if value.len() > USER_ID_BYTES_MAX {
         return Err(DomainError::invalid(
             field,
-            format!("is {} bytes; at most {USER_ID_BYTES_MAX} allowed", value.len()),
+            format!(
+                "is {} bytes; at most {USER_ID_BYTES_MAX} allowed",
+                value.len()
+            ),
         ));
     }
     if let Some(c) = value.chars().find(|c| !is_identifier_char(*c)) {
@@ -78,12 +81,10 @@ impl AgentId {
         AgentId(format!("{AGENT_ID_PREFIX}{}", hex::encode(bytes)))
     }
     pub fn parse(field: &str, value: &str) -> Result<Self, DomainError> {
-        let well_formed = value
-            .strip_prefix(AGENT_ID_PREFIX)
-            .is_some_and(|hex| {
-                hex.len() == AGENT_ID_HEX_LEN
-                    && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            });
+        let well_formed = value.strip_prefix(AGENT_ID_PREFIX).is_some_and(|hex| {
+            hex.len() == AGENT_ID_HEX_LEN
+                && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
         if well_formed {
             Ok(AgentId(value.to_owned()))
         } else {
@@ -136,7 +137,13 @@ mod tests {
     fn agent_ids_round_trip_and_reject_malformed_values() {
         let id = AgentId::from_random([0xab; 16]);
         assert_eq!(AgentId::parse("id", id.as_str()), Ok(id));
-        for bad in ["", "agt_", "agt_ABABABABABABABABABABABABABABABAB", "usr_00", "billing-bot"] {
+        for bad in [
+            "",
+            "agt_",
+            "agt_ABABABABABABABABABABABABABABABAB",
+            "usr_00",
+            "billing-bot",
+        ] {
             let err = AgentId::parse("id", bad).expect_err(bad);
             assert_eq!(err.field, "id");
         }

@@ -31,9 +31,9 @@ impl OperatorSecret {
         let malformed = || DomainError::unauthenticated("malformed operator token");
         let rest = token.strip_prefix(TOKEN_PREFIX).ok_or_else(malformed)?;
         let (id, secret) = rest.split_once('.').ok_or_else(malformed)?;
-        let id_ok = id.strip_prefix(TOKEN_ID_PREFIX).is_some_and(|hex| {
-            hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-        });
+        let id_ok = id
+            .strip_prefix(TOKEN_ID_PREFIX)
+            .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
         if !id_ok || secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(malformed());
         }
@@ -65,7 +65,13 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_unauthenticated() {
-        for bad in ["", "mdt_", "Bearer x", "mdt_tok_0011.zz", "mdt_tok_00112233445566.00"] {
+        for bad in [
+            "",
+            "mdt_",
+            "Bearer x",
+            "mdt_tok_0011.zz",
+            "mdt_tok_00112233445566.00",
+        ] {
             let err = OperatorSecret::parse(bad).expect_err(bad);
             assert_eq!(err.kind, crate::error::ErrorKind::Unauthenticated);
         }

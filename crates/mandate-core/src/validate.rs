@@ -309,6 +309,9 @@ mod tests {
             label_pair("label", "team=payments").expect("valid"),
             ("team".into(), "payments".into())
         );
-        assert_eq!(label_pair("label", "team").expect_err("no =").field, "label");
+        assert_eq!(
+            label_pair("label", "team").expect_err("no =").field,
+            "label"
+        );
     }
 }

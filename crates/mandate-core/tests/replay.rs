@@ -32,21 +32,52 @@ fn key(seed: u8) -> pb::Jwk {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Register { id: u8, name: u8, owner: u8, key: u8 },
-    Update { id: u8, description: u8, label: Option<u8> },
-    Status { id: u8, status: i32 },
-    AddKey { id: u8, key: u8 },
-    RemoveKey { id: u8, key: u8 },
-    CreateToken { n: u8 },
-    RevokeToken { n: u8 },
+    Register {
+        id: u8,
+        name: u8,
+        owner: u8,
+        key: u8,
+    },
+    Update {
+        id: u8,
+        description: u8,
+        label: Option<u8>,
+    },
+    Status {
+        id: u8,
+        status: i32,
+    },
+    AddKey {
+        id: u8,
+        key: u8,
+    },
+    RemoveKey {
+        id: u8,
+        key: u8,
+    },
+    CreateToken {
+        n: u8,
+    },
+    RevokeToken {
+        n: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0..12u8, 0..8u8, 0..3u8, 0..4u8)
-            .prop_map(|(id, name, owner, key)| Op::Register { id, name, owner, key }),
-        (0..12u8, 0..3u8, proptest::option::of(0..3u8))
-            .prop_map(|(id, description, label)| Op::Update { id, description, label }),
+        (0..12u8, 0..8u8, 0..3u8, 0..4u8).prop_map(|(id, name, owner, key)| Op::Register {
+            id,
+            name,
+            owner,
+            key
+        }),
+        (0..12u8, 0..3u8, proptest::option::of(0..3u8)).prop_map(|(id, description, label)| {
+            Op::Update {
+                id,
+                description,
+                label,
+            }
+        }),
         (0..12u8, 0..5i32).prop_map(|(id, status)| Op::Status { id, status }),
         (0..12u8, 0..12u8).prop_map(|(id, key)| Op::AddKey { id, key }),
         (0..12u8, 0..12u8).prop_map(|(id, key)| Op::RemoveKey { id, key }),
@@ -57,7 +88,12 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
     let kind = match op.clone() {
-        Op::Register { id, name, owner, key: k } => Kind::RegisterAgent(pb::RegisterAgent {
+        Op::Register {
+            id,
+            name,
+            owner,
+            key: k,
+        } => Kind::RegisterAgent(pb::RegisterAgent {
             agent_id: agent_id(id),
             name: format!("bot-{name}"),
             owner: format!("user-{owner}"),
@@ -65,7 +101,11 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
             labels: BTreeMap::from([("team".into(), format!("t{}", name % 2))]),
             ..Default::default()
         }),
-        Op::Update { id, description, label } => Kind::UpdateAgent(pb::UpdateAgent {
+        Op::Update {
+            id,
+            description,
+            label,
+        } => Kind::UpdateAgent(pb::UpdateAgent {
             agent_id: agent_id(id),
             description: Some(format!("does things #{description}")),
             labels: label.map(|l| pb::LabelSet {
@@ -256,14 +296,21 @@ fn a_command_with_a_revoked_token_is_refused_at_apply() {
     let create = command(&Op::CreateToken { n: 1 }, ROOT, 2_000, 1);
     let revoke = command(&Op::RevokeToken { n: 1 }, ROOT, 2_000, 2);
     let register = command(
-        &Op::Register { id: 1, name: 1, owner: 1, key: 1 },
+        &Op::Register {
+            id: 1,
+            name: 1,
+            owner: 1,
+            key: 1,
+        },
         "tok_1",
         2_000,
         3,
     );
     let results = apply_entry(
         &mut state,
-        &pb::CommandBatch { commands: vec![create, revoke, register] },
+        &pb::CommandBatch {
+            commands: vec![create, revoke, register],
+        },
         2,
     );
     let Some(pb::command_result::Outcome::Error(e)) = &results[2].outcome else {
@@ -277,37 +324,99 @@ fn a_command_with_a_revoked_token_is_refused_at_apply() {
 fn a_refused_command_writes_nothing_and_its_batch_neighbours_still_apply() {
     let mut state = State::new();
     apply_entry(&mut state, &bootstrap(), 1);
-    let first = command(&Op::Register { id: 1, name: 1, owner: 0, key: 1 }, ROOT, 2_000, 1);
-    let duplicate = command(&Op::Register { id: 2, name: 1, owner: 0, key: 0 }, ROOT, 2_000, 2);
-    let other = command(&Op::Register { id: 3, name: 3, owner: 0, key: 0 }, ROOT, 2_000, 3);
+    let first = command(
+        &Op::Register {
+            id: 1,
+            name: 1,
+            owner: 0,
+            key: 1,
+        },
+        ROOT,
+        2_000,
+        1,
+    );
+    let duplicate = command(
+        &Op::Register {
+            id: 2,
+            name: 1,
+            owner: 0,
+            key: 0,
+        },
+        ROOT,
+        2_000,
+        2,
+    );
+    let other = command(
+        &Op::Register {
+            id: 3,
+            name: 3,
+            owner: 0,
+            key: 0,
+        },
+        ROOT,
+        2_000,
+        3,
+    );
     let before = state.len();
     let results = apply_entry(
         &mut state,
-        &pb::CommandBatch { commands: vec![first, duplicate, other] },
+        &pb::CommandBatch {
+            commands: vec![first, duplicate, other],
+        },
         2,
     );
     let Some(pb::command_result::Outcome::Error(e)) = &results[1].outcome else {
         panic!("duplicate name was applied");
     };
-    assert_eq!((e.code, e.field.as_str()), (pb::ErrorCode::AlreadyExists as i32, "name"));
-    assert!(matches!(results[2].outcome, Some(pb::command_result::Outcome::Applied(_))));
+    assert_eq!(
+        (e.code, e.field.as_str()),
+        (pb::ErrorCode::AlreadyExists as i32, "name")
+    );
+    assert!(matches!(
+        results[2].outcome,
+        Some(pb::command_result::Outcome::Applied(_))
+    ));
     assert!(!state.contains_key(&keys::agent(&agent_id(2))));
     // Two agents: record, name index and event each; the clock key moves forward in place.
     assert_eq!(state.len(), before + 2 * 3);
-    assert_eq!(state.get(keys::CLOCK), Some(&2_000u64.to_be_bytes().to_vec()));
+    assert_eq!(
+        state.get(keys::CLOCK),
+        Some(&2_000u64.to_be_bytes().to_vec())
+    );
 }
 
 #[test]
 fn a_retired_agent_cannot_be_resumed_or_edited() {
     let mut state = State::new();
     apply_entry(&mut state, &bootstrap(), 1);
-    let register = command(&Op::Register { id: 1, name: 1, owner: 0, key: 1 }, ROOT, 2_000, 1);
+    let register = command(
+        &Op::Register {
+            id: 1,
+            name: 1,
+            owner: 0,
+            key: 1,
+        },
+        ROOT,
+        2_000,
+        1,
+    );
     let retire = command(&Op::Status { id: 1, status: 3 }, ROOT, 2_000, 2);
     let resume = command(&Op::Status { id: 1, status: 1 }, ROOT, 2_000, 3);
-    let update = command(&Op::Update { id: 1, description: 1, label: None }, ROOT, 2_000, 4);
+    let update = command(
+        &Op::Update {
+            id: 1,
+            description: 1,
+            label: None,
+        },
+        ROOT,
+        2_000,
+        4,
+    );
     let results = apply_entry(
         &mut state,
-        &pb::CommandBatch { commands: vec![register, retire, resume, update] },
+        &pb::CommandBatch {
+            commands: vec![register, retire, resume, update],
+        },
         2,
     );
     for refused in &results[2..] {

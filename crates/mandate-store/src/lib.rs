@@ -1,14 +1,40 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! sled-backed storage for a Mandate node: the raft log and vote ([`LogStore`]), the
+//! materialized state machine ([`StateMachine`]) and its snapshots.
+//!
+//! One sled database per node holds three trees: `raft-log` (entries by index), `raft-meta`
+//! (vote, committed and purged log ids) and `state` (every key of the materialized state, plus
+//! the applied log id and membership under the storage-owned `\0` prefix, so that state and
+//! `last_applied` always change in one atomic sled batch). Snapshots are single files written
+//! with write-fsync-rename.
+//!
+//! Durability: a log append is reported complete, and `save_vote` returns, only after sled has
+//! flushed its buffers and the database file has been `fsync`ed (see [`durability`]).
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod durability;
+pub mod error;
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+use std::path::Path;
+
+pub use error::OpenError;
+pub use log_store::LogStore;
+pub use state_machine::{StateMachine, StateView};
+pub use types::{Batch, BatchOutcome, Member, NodeId, TypeConfig};
+
+/// Opens (or creates) the storage of one node under `dir`.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
+    std::fs::create_dir_all(dir).map_err(|e| OpenError::io(dir, e))?;
+    let db_dir = dir.join("db");
+    let db = sled::Config::new()
+        .path(&db_dir)
+        .segment_size(durability::SEGMENT_BYTES)
+        .open()
+        .map_err(|e| OpenError::Sled(db_dir.display().to_string(), e))?;
+    let syncer = durability::Syncer::start(db.clone(), &db_dir)?;
+    let log = LogStore::open(&db, syncer.clone())?;
+    let sm = StateMachine::open(&db, syncer, &dir.join("snapshots"))?;
+    Ok((log, sm))
 }

@@ -1,0 +1,107 @@
+//! Making writes durable. sled 0.34's `flush` ends with `sync_file_range`, which neither flushes
+//! the drive's cache nor the file's metadata (sled issue #1452). The [`Syncer`] thread therefore
+//! follows every flush with `fsync` of the database file. Requests that arrive while a sync runs
+//! share the next one (group commit): one fsync makes every earlier write durable.
+//!
+//! sled writes values too large for a segment to separate blob files that it never fsyncs; the
+//! segment size is raised to [`SEGMENT_BYTES`] so that every value Mandate writes (a log entry is
+//! bounded by the batcher to well under a megabyte) stays inline in the fsynced database file.
+//! Snapshots are written to their own files with write-fsync-rename.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use crate::error::OpenError;
+
+/// sled segment size. Values up to a quarter of this stay inline in the database file.
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Handle to the node's sync thread. When the last handle is dropped the thread finishes its
+/// queue and exits, releasing the database.
+#[derive(Clone)]
+pub struct Syncer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Option<mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the fsync thread panicked");
+            }
+        }
+    }
+}
+
+impl Syncer {
+    pub fn start(db: sled::Db, db_dir: &Path) -> Result<Self, OpenError> {
+        let db_file_path = db_dir.join("db");
+        let db_file = File::open(&db_file_path).map_err(|e| OpenError::io(&db_file_path, e))?;
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let thread = std::thread::Builder::new()
+            .name("mandate-fsync".into())
+            .spawn(move || run(db, db_file, rx))
+            .map_err(|e| OpenError::io(db_dir, e))?;
+        Ok(Syncer {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Calls `done` once everything written before this call is durable.
+    pub fn after_sync(&self, done: impl FnOnce(io::Result<()>) + Send + 'static) {
+        let waiter: Waiter = Box::new(done);
+        let unsent = match &self.inner.tx {
+            Some(tx) => tx.send(waiter).err().map(|mpsc::SendError(w)| w),
+            None => Some(waiter),
+        };
+        if let Some(waiter) = unsent {
+            waiter(Err(io::Error::other("the fsync thread has stopped")));
+        }
+    }
+
+    /// Waits until everything written before this call is durable.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_sync(move |result| {
+            let _ = tx.send(result);
+        });
+        rx.await
+            .map_err(|_| io::Error::other("the fsync thread dropped a request"))?
+    }
+}
+
+fn run(db: sled::Db, db_file: File, rx: mpsc::Receiver<Waiter>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        waiters.extend(rx.try_iter());
+        let result = db
+            .flush()
+            .map(|_| ())
+            .map_err(io::Error::other)
+            .and_then(|()| db_file.sync_all());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "making the raft log durable failed");
+        }
+        for waiter in waiters {
+            let shared = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            waiter(shared);
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The state machine on sled ([`openraft::storage::RaftStateMachine`]).
+//!
+//! `apply` decodes each entry's command batch, runs `mandate_core::apply::apply_batch` over an
+//! overlay of the `state` tree, and writes the overlay, the applied log id and the membership in
+//! one atomic sled batch. Readers use a [`StateView`], which sees only whole batches.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use mandate_core::state::{Overlay, StateRead};
+use mandate_core::{keys, StorageFault};
+use mandate_proto::v1 as pb;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use tokio::sync::watch;
+
+use crate::durability::Syncer;
+use crate::error::OpenError;
+use crate::snapshot::{self, SnapshotDir};
+use crate::types::{BatchOutcome, Member, NodeId, TypeConfig};
+
+/// Storage-owned key: the applied log id (bincode).
+const APPLIED: &[u8] = b"\x00applied";
+/// Storage-owned key: the last membership applied (bincode).
+const MEMBERSHIP: &[u8] = b"\x00membership";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, Member>;
+
+/// A read-only view of the materialized state; cheap to clone.
+#[derive(Clone)]
+pub struct StateView {
+    tree: sled::Tree,
+    applied: watch::Receiver<u64>,
+}
+
+impl StateRead for StateView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
+        self.tree
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StorageFault(format!("reading the state tree: {e}")))
+    }
+}
+
+impl StateView {
+    /// Entries whose key starts with `prefix`, from `start` (inclusive) on, in key order.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageFault>> + '_ {
+        let from = if start > prefix {
+            start.to_vec()
+        } else {
+            prefix.to_vec()
+        };
+        let prefix = prefix.to_vec();
+        self.tree
+            .range(from..)
+            .take_while(move |item| match item {
+                Ok((k, _)) => k.starts_with(&prefix),
+                Err(_) => true,
+            })
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| StorageFault(format!("scanning the state tree: {e}")))
+            })
+    }
+
+    /// The index of the last log entry applied to this state.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Follows the applied index as apply moves it.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Every key of the state, in order (for tests and diagnostics).
+    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageFault> {
+        self.scan(b"", b"").collect()
+    }
+}
+
+/// The state machine of one node.
+pub struct StateMachine {
+    tree: sled::Tree,
+    syncer: Syncer,
+    snapshots: SnapshotDir,
+    applied_tx: watch::Sender<u64>,
+    view: StateView,
+}
+
+fn bincode_get<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, AnyError> {
+    match tree.get(key).map_err(|e| AnyError::new(&e))? {
+        None => Ok(None),
+        Some(bytes) => bincode::deserialize(&bytes)
+            .map(Some)
+            .map_err(|e| AnyError::new(&*e)),
+    }
+}
+
+fn bincode_put<T: serde::Serialize>(
+    batch: &mut sled::Batch,
+    key: &[u8],
+    value: &T,
+) -> Result<(), AnyError> {
+    let bytes = bincode::serialize(value).map_err(|e| AnyError::new(&*e))?;
+    batch.insert(key, bytes);
+    Ok(())
+}
+
+impl StateMachine {
+    pub(crate) fn open(
+        db: &sled::Db,
+        syncer: Syncer,
+        snapshot_dir: &Path,
+    ) -> Result<Self, OpenError> {
+        let tree = db
+            .open_tree("state")
+            .map_err(|e| OpenError::Sled("tree state".into(), e))?;
+        let snapshots =
+            SnapshotDir::open(snapshot_dir).map_err(|e| OpenError::io(snapshot_dir, e))?;
+        let applied: Option<LogId<NodeId>> =
+            bincode_get(&tree, APPLIED).map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        let (applied_tx, applied_rx) = watch::channel(applied.map_or(0, |l| l.index));
+        let view = StateView {
+            tree: tree.clone(),
+            applied: applied_rx,
+        };
+        Ok(StateMachine {
+            tree,
+            syncer,
+            snapshots,
+            applied_tx,
+            view,
+        })
+    }
+
+    /// A read-only view that follows this state machine.
+    pub fn view(&self) -> StateView {
+        self.view.clone()
+    }
+
+    fn read_applied(&self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
+        let applied =
+            bincode_get(&self.tree, APPLIED).map_err(StorageIOError::read_state_machine)?;
+        let membership = bincode_get(&self.tree, MEMBERSHIP)
+            .map_err(StorageIOError::read_state_machine)?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn collect_entries(&self) -> StorageResult<Vec<pb::StateEntry>> {
+        self.view
+            .scan(b"", b"")
+            .map(|item| {
+                item.map(|(key, value)| pb::StateEntry { key, value })
+                    .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)).into())
+            })
+            .collect()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
+        self.read_applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<BatchOutcome>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (_, mut membership) = self.read_applied()?;
+        let mut overlay = Overlay::new(&self.view);
+        let mut outcomes = Vec::new();
+        let mut last = None;
+        for entry in entries {
+            let outcome = match &entry.payload {
+                EntryPayload::Blank => BatchOutcome::default(),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    BatchOutcome::default()
+                }
+                EntryPayload::Normal(batch) => {
+                    let results = mandate_core::apply::apply_batch(
+                        &mut overlay,
+                        &batch.0,
+                        entry.log_id.index,
+                    )
+                    .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
+                    BatchOutcome(results)
+                }
+            };
+            outcomes.push(outcome);
+            last = Some(entry.log_id);
+        }
+        let Some(last) = last else {
+            return Ok(outcomes);
+        };
+        let mut batch = sled::Batch::default();
+        for (key, value) in overlay.into_writes() {
+            assert!(
+                !key.starts_with(keys::STORAGE_PREFIX),
+                "the domain wrote a storage-owned key"
+            );
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        bincode_put(&mut batch, APPLIED, &last).map_err(StorageIOError::write_state_machine)?;
+        bincode_put(&mut batch, MEMBERSHIP, &membership)
+            .map_err(StorageIOError::write_state_machine)?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        self.applied_tx.send_replace(last.index);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Copy the state now, while apply cannot run, so the snapshot is one consistent cut.
+        let cut = self
+            .read_applied()
+            .and_then(|(applied, membership)| Ok((applied, membership, self.collect_entries()?)));
+        SnapshotBuilder {
+            cut: Some(cut),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        data: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let bytes = data.into_inner();
+        let signature = Some(meta.signature());
+        let (_, entries) = snapshot::decode(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(signature.clone(), AnyError::error(e)))?;
+        // One atomic batch: every old key goes, every snapshot key comes, applied state is set.
+        let mut batch = sled::Batch::default();
+        let keep: std::collections::BTreeSet<&[u8]> =
+            entries.iter().map(|e| e.key.as_slice()).collect();
+        for item in self.tree.iter() {
+            let (key, _) =
+                item.map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+            if !keep.contains(key.as_ref()) {
+                batch.remove(key);
+            }
+        }
+        for entry in &entries {
+            batch.insert(entry.key.as_slice(), entry.value.as_slice());
+        }
+        match &meta.last_log_id {
+            Some(log_id) => bincode_put(&mut batch, APPLIED, log_id)
+                .map_err(StorageIOError::write_state_machine)?,
+            None => batch.remove(APPLIED),
+        }
+        bincode_put(&mut batch, MEMBERSHIP, &meta.last_membership)
+            .map_err(StorageIOError::write_state_machine)?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        self.syncer
+            .sync()
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        self.snapshots
+            .store(&bytes)
+            .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
+        self.applied_tx
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let Some(bytes) = self
+            .snapshots
+            .load()
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?
+        else {
+            return Ok(None);
+        };
+        let (meta, _) = snapshot::decode(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::error(e)))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        }))
+    }
+}
+
+type Cut = StorageResult<(Option<LogId<NodeId>>, Membership, Vec<pb::StateEntry>)>;
+
+/// Builds a snapshot from the cut taken when it was created.
+pub struct SnapshotBuilder {
+    cut: Option<Cut>,
+    snapshots: SnapshotDir,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (applied, membership, entries) = self.cut.take().unwrap_or_else(|| {
+            Err(
+                StorageIOError::read_state_machine(AnyError::error("snapshot builder used twice"))
+                    .into(),
+            )
+        })?;
+        let snapshot_id = match applied {
+            Some(log_id) => format!("{}-{}", log_id.leader_id, log_id.index),
+            None => "empty".to_owned(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let bytes = snapshot::encode(&meta, entries).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::error(e))
+        })?;
+        self.snapshots.store(&bytes).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}

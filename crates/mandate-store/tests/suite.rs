@@ -1,0 +1,150 @@
+//! The sled store against openraft's storage contract, and Mandate's own snapshot guarantees.
+
+use mandate_proto::v1 as pb;
+use mandate_store::{Batch, LogStore, StateMachine, TypeConfig};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError};
+use tempfile::TempDir;
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, sm) = mandate_store::open(dir.path()).expect("open store");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn sled_store_passes_the_openraft_storage_suite() {
+    Suite::test_all(SledBuilder).expect("openraft storage suite");
+}
+
+fn entry(index: u64, commands: Vec<pb::Command>) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Batch(pb::CommandBatch { commands })),
+    }
+}
+
+fn bootstrap() -> pb::Command {
+    pb::Command {
+        request_id: "boot".into(),
+        time_ms: 10,
+        operator_token_id: String::new(),
+        kind: Some(pb::command::Kind::BootstrapCluster(pb::BootstrapCluster {
+            cluster_id: "c".into(),
+            root_token_id: "tok_root".into(),
+            root_secret_sha256: vec![1; 32],
+        })),
+    }
+}
+
+fn register(i: u64) -> pb::Command {
+    pb::Command {
+        request_id: format!("r{i}"),
+        time_ms: 10 + i,
+        operator_token_id: "tok_root".into(),
+        kind: Some(pb::command::Kind::RegisterAgent(pb::RegisterAgent {
+            agent_id: format!("agt_{i:032x}"),
+            name: format!("bot-{i}"),
+            owner: "alice".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime")
+}
+
+#[test]
+fn a_snapshot_installed_elsewhere_plus_the_log_tail_rebuilds_the_same_state() {
+    runtime().block_on(async {
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_log_a, mut sm_a) = mandate_store::open(dir_a.path()).expect("open a");
+        let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("open b");
+        // B starts with stale keys that the snapshot must clear.
+        sm_b.apply(vec![entry(1, vec![bootstrap(), register(99)])])
+            .await
+            .expect("apply b");
+
+        sm_a.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, vec![register(1), register(2)]),
+        ])
+        .await
+        .expect("apply a");
+        let snapshot = sm_a
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        sm_b.install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .expect("install");
+        let tail = vec![entry(3, vec![register(3)])];
+        sm_a.apply(tail.clone()).await.expect("tail a");
+        sm_b.apply(tail).await.expect("tail b");
+
+        let dump_a = sm_a.view().dump().expect("dump a");
+        assert_eq!(dump_a, sm_b.view().dump().expect("dump b"));
+        assert!(!dump_a
+            .iter()
+            .any(|(k, _)| k == &mandate_core::keys::agent(&format!("agt_{:032x}", 99))));
+        assert_eq!(sm_b.view().applied_index(), 3);
+    });
+}
+
+#[test]
+fn a_reopened_store_keeps_its_log_vote_state_and_snapshot() {
+    let dir = tempfile::tempdir().expect("dir");
+    let before = runtime().block_on(async {
+        let (mut log, mut sm) = mandate_store::open(dir.path()).expect("open");
+        log.save_vote(&openraft::Vote::new(3, 1))
+            .await
+            .expect("vote");
+        log.blocking_append(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, vec![register(1)]),
+        ])
+        .await
+        .expect("append");
+        sm.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, vec![register(1)]),
+        ])
+        .await
+        .expect("apply");
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("snapshot");
+        sm.view().dump().expect("dump")
+    });
+    runtime().block_on(async {
+        let (mut log, mut sm) = mandate_store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            log.read_vote().await.expect("vote"),
+            Some(openraft::Vote::new(3, 1))
+        );
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(2));
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(2));
+        assert_eq!(sm.view().dump().expect("dump"), before);
+        let snapshot = sm
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("a snapshot");
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
+    });
+}
