@@ -1,14 +1,65 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Mandate's consensus layer: openraft configured for Mandate, its tonic transport, the
+//! leader-side write batcher, leader forwarding and linearizable reads.
+//!
+//! A write enters through [`Node::write`] on any node. A follower forwards it to the leader over
+//! the internal `RaftPeer.Forward` RPC; the leader stamps it (time, request id, generated ids)
+//! and hands it to the [`batcher::Batcher`], which packs concurrent commands into one log entry.
+//! Each caller receives the result of its own command.
+
+pub mod batcher;
+pub mod network;
+pub mod node;
+pub mod peer_service;
+pub mod stamp;
+
+pub use mandate_store::{Member, NodeId, TypeConfig};
+pub use node::{Node, NodeError, ReadConsistency};
+
+/// The openraft instance type for Mandate.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Timing of the raft protocol, in milliseconds.
+#[derive(Debug, Clone)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept after a snapshot, for followers that lag a little.
+    pub logs_kept_after_snapshot: u64,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
+        }
     }
 }
+
+impl RaftTiming {
+    /// The openraft configuration for these timings.
+    pub fn to_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        openraft::Config {
+            cluster_name: "mandate".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            ..Default::default()
+        }
+        .validate()
+    }
+}
+
+/// Size of one InstallSnapshot chunk sent to a lagging follower.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+/// Largest gRPC message between peers (an AppendEntries with a full batch, a snapshot chunk).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;

@@ -1,0 +1,174 @@
+//! The leader-side batcher: group commit for the raft log.
+//!
+//! openraft appends and fsyncs one entry at a time, so one command per entry would cap
+//! throughput at one command per fsync. The batcher packs concurrent commands into one entry.
+//! A batch is proposed when it holds [`BATCH_COMMANDS_MAX`] commands or [`BATCH_BYTES_MAX`]
+//! bytes, when [`BATCH_LINGER_US`] has passed since its first command, or at once when no
+//! proposal is in flight (an idle cluster adds no latency). At most [`PROPOSALS_IN_FLIGHT_MAX`]
+//! batches are in flight; while the pipeline is full, commands accumulate. Every caller gets
+//! the result of its own command.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mandate_core::pb;
+use mandate_store::{Batch, Member, NodeId};
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+use crate::stamp;
+use crate::Raft;
+
+/// Most commands in one log entry.
+pub const BATCH_COMMANDS_MAX: usize = mandate_core::limits::BATCH_COMMANDS_MAX;
+/// Most encoded bytes of commands in one log entry (well under sled's inline value limit).
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Longest a command waits for company before its batch is proposed anyway.
+pub const BATCH_LINGER_US: u64 = 1_000;
+/// Most batches proposed and not yet applied.
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 8;
+/// Most commands queued in front of the batcher; beyond this, writers wait (back-pressure).
+pub const QUEUE_COMMANDS_MAX: usize = 16 * 1024;
+
+/// Why a write did not produce a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    /// This node is not the leader: nothing was proposed.
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<(NodeId, Member)> },
+    /// The outcome is unknown: the entry may or may not commit.
+    #[error("the write's outcome is unknown: {0}")]
+    Indeterminate(String),
+    /// The raft node has stopped.
+    #[error("the raft node has stopped: {0}")]
+    Stopped(String),
+}
+
+type Reply = oneshot::Sender<Result<pb::CommandResult, BatchError>>;
+
+struct Pending {
+    command: pb::Command,
+    reply: Reply,
+}
+
+/// Handle for submitting commands to the leader's batcher.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Batcher {
+    /// Starts the batcher task for `raft`.
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_COMMANDS_MAX);
+        tokio::spawn(run(raft, rx));
+        Batcher { tx }
+    }
+
+    /// Submits one unstamped command and waits for its result.
+    pub async fn submit(&self, command: pb::Command) -> Result<pb::CommandResult, BatchError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { command, reply })
+            .await
+            .map_err(|_| BatchError::Stopped("the batcher has stopped".into()))?;
+        rx.await
+            .map_err(|_| BatchError::Indeterminate("the batcher dropped the command".into()))?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    let mut next: Option<Pending> = None;
+    loop {
+        let first = match next.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let deadline = Instant::now() + Duration::from_micros(BATCH_LINGER_US);
+        let mut bytes = first.command.encoded_len();
+        let mut batch = vec![first];
+        while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
+            let idle = in_flight.available_permits() == PROPOSALS_IN_FLIGHT_MAX;
+            let more = if idle {
+                rx.try_recv().ok()
+            } else {
+                tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let Some(p) = more else { break };
+            let len = p.command.encoded_len();
+            if bytes + len > BATCH_BYTES_MAX {
+                next = Some(p);
+                break;
+            }
+            bytes += len;
+            batch.push(p);
+        }
+        let permit = match in_flight.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &Raft, batch: Vec<Pending>) {
+    let time_ms = stamp::now_ms();
+    let (commands, replies): (Vec<_>, Vec<_>) = {
+        let mut rng = rand::thread_rng();
+        batch
+            .into_iter()
+            .map(|mut p| {
+                stamp::stamp(&mut p.command, time_ms, &mut rng);
+                (p.command, p.reply)
+            })
+            .unzip()
+    };
+    let count = commands.len();
+    let outcome = raft
+        .client_write(Batch(pb::CommandBatch { commands }))
+        .await;
+    match outcome {
+        Ok(response) => {
+            let results = response.data.0;
+            assert_eq!(
+                results.len(),
+                count,
+                "apply returned one result per command"
+            );
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Err(e) => {
+            let error = classify(e);
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+fn classify(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> BatchError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => BatchError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            BatchError::Indeterminate(c.to_string())
+        }
+        RaftError::Fatal(f) => BatchError::Stopped(f.to_string()),
+    }
+}

@@ -1,0 +1,402 @@
+//! A running raft member: routing writes to the leader, read barriers and membership changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mandate_core::pb;
+use mandate_proto::v1::{
+    membership_change::Change, ForwardRequest, MembershipChange, ReadIndexRequest,
+};
+use mandate_store::{Member, NodeId, StateView};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, RaftMetrics, ServerState};
+
+use crate::batcher::{BatchError, Batcher};
+use crate::network::{NetworkFactory, PeerClients};
+use crate::{Raft, RaftTiming};
+
+/// How long a request waits for a leader to be known.
+pub const LEADER_WAIT_MS: u64 = 5_000;
+/// How long a read waits for this node to apply up to the index it needs.
+pub const APPLY_WAIT_MS: u64 = 5_000;
+/// How many times a write follows a leader change before giving up.
+pub const WRITE_ROUTE_ATTEMPTS_MAX: usize = 8;
+
+/// What a read needs from the node before it may look at local state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    Linearizable,
+    Stale,
+}
+
+/// Why a request could not be served by the cluster.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("no leader is known; the cluster may have lost its quorum or be electing")]
+    NoLeader,
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the write's outcome is unknown (it may or may not have been applied): {0}")]
+    Indeterminate(String),
+    #[error("this node has not applied index {wanted} within {waited_ms} ms (it is at {applied})")]
+    Lagging {
+        wanted: u64,
+        applied: u64,
+        waited_ms: u64,
+    },
+    #[error("this node is shutting down: {0}")]
+    Stopped(String),
+    #[error("{0}")]
+    Membership(String),
+}
+
+/// One member of the cluster.
+pub struct Node {
+    pub id: NodeId,
+    pub member: Member,
+    pub raft: Raft,
+    pub view: StateView,
+    batcher: Batcher,
+    peers: PeerClients,
+}
+
+impl Node {
+    /// Opens the node's storage under `data_dir` and starts raft.
+    pub async fn start(
+        id: NodeId,
+        member: Member,
+        data_dir: &Path,
+        timing: &RaftTiming,
+    ) -> Result<Arc<Node>, String> {
+        let config = timing
+            .to_config()
+            .map_err(|e| format!("raft configuration: {e}"))?;
+        let (log, sm) = mandate_store::open(data_dir).map_err(|e| e.to_string())?;
+        let view = sm.view();
+        let peers = PeerClients::default();
+        let network = NetworkFactory {
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| format!("starting raft: {e}"))?;
+        let batcher = Batcher::start(raft.clone());
+        Ok(Arc::new(Node {
+            id,
+            member,
+            raft,
+            view,
+            batcher,
+            peers,
+        }))
+    }
+
+    /// The current raft metrics of this node.
+    pub fn metrics(&self) -> RaftMetrics<NodeId, Member> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader this node knows of, with its addresses.
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.metrics();
+        let id = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, member))
+    }
+
+    async fn wait_for_leader(&self) -> Result<(NodeId, Member), NodeError> {
+        if let Some(leader) = self.leader() {
+            return Ok(leader);
+        }
+        let mut metrics = self.raft.metrics();
+        let wait = async {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return Err(NodeError::Stopped("raft metrics closed".into()));
+                }
+                if let Some(leader) = self.leader() {
+                    return Ok(leader);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(LEADER_WAIT_MS), wait)
+            .await
+            .unwrap_or(Err(NodeError::NoLeader))
+    }
+
+    /// Initialises a new cluster with these voters. Refused if this node is already initialised.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Member>) -> Result<(), NodeError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| NodeError::Membership(e.to_string()))
+    }
+
+    /// Runs a command through the leader, wherever it is, and returns its result.
+    pub async fn write(&self, command: pb::Command) -> Result<pb::CommandResult, NodeError> {
+        for _ in 0..WRITE_ROUTE_ATTEMPTS_MAX {
+            let (leader_id, leader) = self.wait_for_leader().await?;
+            let routed = if leader_id == self.id {
+                self.write_local(command.clone()).await
+            } else {
+                self.forward(&leader, command.clone()).await
+            };
+            match routed {
+                Ok(result) => return Ok(result),
+                Err(Routed::NotLeader) => self.await_leader_change(leader_id).await,
+                Err(Routed::Failed(e)) => return Err(e),
+            }
+        }
+        Err(NodeError::NoLeader)
+    }
+
+    /// Proposes a command on this node, which must be the leader.
+    pub async fn write_local(&self, command: pb::Command) -> Result<pb::CommandResult, Routed> {
+        match self.batcher.submit(command).await {
+            Ok(result) => Ok(result),
+            Err(BatchError::NotLeader { .. }) => Err(Routed::NotLeader),
+            Err(BatchError::Indeterminate(e)) => Err(Routed::Failed(NodeError::Indeterminate(e))),
+            Err(BatchError::Stopped(e)) => Err(Routed::Failed(NodeError::Stopped(e))),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: &Member,
+        command: pb::Command,
+    ) -> Result<pb::CommandResult, Routed> {
+        let mut client = self
+            .peers
+            .client(&leader.peer_addr)
+            .map_err(|e| Routed::Failed(NodeError::Unavailable(e.to_string())))?;
+        let response = client
+            .forward(ForwardRequest {
+                command: Some(command),
+            })
+            .await
+            .map_err(|status| {
+                Routed::Failed(NodeError::Indeterminate(format!(
+                    "forwarding to the leader at {} failed: {}",
+                    leader.peer_addr,
+                    status.message()
+                )))
+            })?
+            .into_inner();
+        if response.not_leader {
+            return Err(Routed::NotLeader);
+        }
+        response.result.ok_or_else(|| {
+            Routed::Failed(NodeError::Indeterminate(
+                "the leader returned no result".into(),
+            ))
+        })
+    }
+
+    /// Waits (briefly) until this node learns of a leader other than `old`.
+    async fn await_leader_change(&self, old: NodeId) {
+        let mut metrics = self.raft.metrics();
+        let changed = async {
+            while metrics.changed().await.is_ok() {
+                let leader = metrics.borrow().current_leader;
+                if leader.is_some_and(|l| l != old) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), changed).await;
+    }
+
+    /// Makes local state fit for a read and returns the applied index it reflects.
+    pub async fn read_barrier(
+        &self,
+        consistency: ReadConsistency,
+        min_applied_index: u64,
+    ) -> Result<u64, NodeError> {
+        let wanted = match consistency {
+            ReadConsistency::Stale => min_applied_index,
+            ReadConsistency::Linearizable => self.read_index().await?.max(min_applied_index),
+        };
+        self.wait_applied(wanted).await
+    }
+
+    /// The index a linearizable read must wait for, confirmed by the leader with a quorum.
+    pub async fn read_index(&self) -> Result<u64, NodeError> {
+        for _ in 0..WRITE_ROUTE_ATTEMPTS_MAX {
+            let (leader_id, leader) = self.wait_for_leader().await?;
+            if leader_id == self.id {
+                match self.raft.get_read_log_id().await {
+                    Ok((read, _)) => return Ok(read.map_or(0, |l| l.index)),
+                    Err(RaftError::APIError(_)) => {
+                        self.await_leader_change(leader_id).await;
+                        continue;
+                    }
+                    Err(RaftError::Fatal(f)) => return Err(NodeError::Stopped(f.to_string())),
+                }
+            }
+            let mut client = self
+                .peers
+                .client(&leader.peer_addr)
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+            match client.read_index(ReadIndexRequest {}).await {
+                Ok(r) => return Ok(r.into_inner().read_index),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    self.await_leader_change(leader_id).await;
+                }
+                Err(status) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "the leader at {} did not confirm a read index: {}",
+                        leader.peer_addr,
+                        status.message()
+                    )))
+                }
+            }
+        }
+        Err(NodeError::NoLeader)
+    }
+
+    /// Waits until this node has applied `index`, and returns what it has applied.
+    pub async fn wait_applied(&self, index: u64) -> Result<u64, NodeError> {
+        let mut applied = self.view.applied_watch();
+        let reached = tokio::time::timeout(
+            Duration::from_millis(APPLY_WAIT_MS),
+            applied.wait_for(|i| *i >= index),
+        )
+        .await;
+        match reached {
+            Ok(Ok(i)) => Ok(*i),
+            Ok(Err(_)) => Err(NodeError::Stopped("the state machine has stopped".into())),
+            Err(_) => Err(NodeError::Lagging {
+                wanted: index,
+                applied: self.view.applied_index(),
+                waited_ms: APPLY_WAIT_MS,
+            }),
+        }
+    }
+
+    /// Applies a membership change on the leader, forwarding it there if needed.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), NodeError> {
+        for _ in 0..WRITE_ROUTE_ATTEMPTS_MAX {
+            let (leader_id, leader) = self.wait_for_leader().await?;
+            if leader_id == self.id {
+                match self.change_membership_local(&change).await {
+                    Err(Routed::NotLeader) => {
+                        self.await_leader_change(leader_id).await;
+                        continue;
+                    }
+                    Err(Routed::Failed(e)) => return Err(e),
+                    Ok(()) => return Ok(()),
+                }
+            }
+            let mut client = self
+                .peers
+                .client(&leader.peer_addr)
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+            let response = client
+                .change_membership(change.clone())
+                .await
+                .map_err(|s| NodeError::Unavailable(s.message().to_owned()))?
+                .into_inner();
+            if response.not_leader {
+                self.await_leader_change(leader_id).await;
+                continue;
+            }
+            if !response.error.is_empty() {
+                return Err(NodeError::Membership(response.error));
+            }
+            return Ok(());
+        }
+        Err(NodeError::NoLeader)
+    }
+
+    /// Applies a membership change; this node must be the leader.
+    pub async fn change_membership_local(&self, change: &MembershipChange) -> Result<(), Routed> {
+        let membership = self.metrics().membership_config.membership().clone();
+        let result = match &change.change {
+            None => {
+                return Err(Routed::Failed(NodeError::Membership(
+                    "no change given".into(),
+                )))
+            }
+            Some(Change::AddLearner(m)) => {
+                let member = Member {
+                    peer_addr: m.peer_addr.clone(),
+                    client_addr: m.client_addr.clone(),
+                };
+                self.raft.add_learner(m.id, member, false).await
+            }
+            Some(Change::Promote(id)) => {
+                if membership.get_node(id).is_none() {
+                    return Err(Routed::Failed(NodeError::Membership(format!(
+                        "node {id} is not a member; add it as a learner first"
+                    ))));
+                }
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                    .await
+            }
+            Some(Change::Remove(id)) => {
+                if membership.get_node(id).is_none() {
+                    return Err(Routed::Failed(NodeError::Membership(format!(
+                        "node {id} is not a member"
+                    ))));
+                }
+                let is_voter = membership.voter_ids().any(|v| v == *id);
+                let removed = if is_voter {
+                    self.raft
+                        .change_membership(
+                            ChangeMembers::RemoveVoters(BTreeSet::from([*id])),
+                            false,
+                        )
+                        .await
+                        .map(|_| ())
+                } else {
+                    Ok(())
+                };
+                match removed {
+                    Ok(()) => {
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::RemoveNodes(BTreeSet::from([*id])),
+                                false,
+                            )
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(Routed::NotLeader)
+            }
+            Err(e) => Err(Routed::Failed(NodeError::Membership(e.to_string()))),
+        }
+    }
+
+    /// Is this node a voter, learner, leader...: its role for status output.
+    pub fn role(&self) -> &'static str {
+        role_name(self.metrics().state)
+    }
+}
+
+/// The name `cluster status` shows for a server state.
+pub fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Learner => "learner",
+        ServerState::Candidate => "candidate",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// The outcome of routing a request to one node.
+#[derive(Debug)]
+pub enum Routed {
+    /// The target was not the leader; nothing happened and the caller may try the new leader.
+    NotLeader,
+    Failed(NodeError),
+}
