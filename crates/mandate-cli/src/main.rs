@@ -1,1 +1,112 @@
-fn main() {}
+//! `mandate`: run a node (`server`), a local cluster (`dev`), and every admin command.
+
+mod agent;
+mod bench;
+mod cluster;
+mod dev;
+mod output;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use mandate_client::{parse_addrs, Client, ClientError};
+
+/// Mandate: an authorization authority for AI agents.
+#[derive(Parser)]
+#[command(name = "mandate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node.
+    Server(server::ServerArgs),
+    /// Run a local cluster of N nodes (each its own process) until interrupted.
+    Dev(dev::DevArgs),
+    /// Register and manage agents.
+    Agent(agent::AgentCommand),
+    /// Administer the cluster.
+    Cluster(cluster::ClusterCommand),
+    /// Create and revoke operator tokens.
+    Token(cluster::TokenCommand),
+    /// Measure throughput against a running cluster.
+    Bench(bench::BenchCommand),
+}
+
+/// How to reach the cluster; shared by every client command.
+#[derive(Args, Clone, Debug)]
+pub struct Connection {
+    /// Node addresses, comma-separated (any live node will do).
+    #[arg(
+        long,
+        env = "MANDATE_ADDR",
+        global = true,
+        default_value = "127.0.0.1:7400"
+    )]
+    pub addr: String,
+    /// Operator token.
+    #[arg(long, env = "MANDATE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print one JSON object on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Connection {
+    pub fn client(&self) -> Result<Client, ClientError> {
+        Client::new(&parse_addrs(&self.addr), self.token.as_deref())
+    }
+}
+
+/// A failure to report on stderr as one line.
+#[derive(Debug)]
+pub struct Failure(pub String);
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match &e {
+            ClientError::Status { code, message, .. } => Failure(format!("{message} ({code:?})")),
+            _ => Failure(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mandate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Server(args) => server::run(args).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Agent(c) => agent::run(c).await,
+            Command::Cluster(c) => cluster::run(c).await,
+            Command::Token(c) => cluster::run_token(c).await,
+            Command::Bench(c) => bench::run(c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("mandate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,5 +1,245 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Rust client for Mandate: a list of node addresses, failover to a live node, the operator
+//! token on every call, and typed errors.
+//!
+//! Any node accepts any request (followers forward writes to the leader), so the client only
+//! needs *a* live node. It keeps using the node that last answered, and moves to the next
+//! address when a node is unreachable or reports that the cluster is unavailable from where it
+//! stands. Requests whose outcome is unknown are never retried by the client.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mandate_proto::v1::agent_registry_client::AgentRegistryClient;
+use mandate_proto::v1::cluster_client::ClusterClient;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+pub use mandate_proto::v1 as pb;
+
+/// How long a connection attempt to one node may take.
+pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Default deadline of one request on one node.
+pub const REQUEST_TIMEOUT_MS: u64 = 15_000;
+/// How many passes over the address list a request makes before giving up.
+pub const ADDRESS_PASSES_MAX: usize = 3;
+/// Metadata key naming the field a refused request got wrong.
+pub const FIELD_METADATA: &str = "mandate-field";
+
+/// What went wrong with a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The client was given nothing usable.
+    #[error("{0}")]
+    Config(String),
+    /// No node could serve the request.
+    #[error("no Mandate node could serve the request: {0}")]
+    Unavailable(String),
+    /// A node refused the request or failed it.
+    #[error("{message}")]
+    Status {
+        code: Code,
+        message: String,
+        /// The request field the refusal names, when it names one.
+        field: Option<String>,
+    },
+}
+
+impl ClientError {
+    /// The gRPC code of a refusal, `Unavailable` when no node answered.
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Config(_) => Code::InvalidArgument,
+            ClientError::Unavailable(_) => Code::Unavailable,
+            ClientError::Status { code, .. } => *code,
+        }
+    }
+
+    fn from_status(status: &Status) -> Self {
+        ClientError::Status {
+            code: status.code(),
+            message: status.message().to_owned(),
+            field: status
+                .metadata()
+                .get(FIELD_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Registry = AgentRegistryClient<InterceptedService<Channel, BearerAuth>>;
+pub type Cluster = ClusterClient<InterceptedService<Channel, BearerAuth>>;
+
+/// A client of one Mandate cluster.
+pub struct Client {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    auth: BearerAuth,
+    current: AtomicUsize,
+}
+
+/// Splits `a,b,c` (as in `MANDATE_ADDR`) into addresses.
+pub fn parse_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Client {
+    /// A client for the nodes at `addrs` (`host:port`, or full `http://` URLs).
+    pub fn new(addrs: &[String], token: Option<&str>) -> Result<Self, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::Config(
+                "no node address given (use --addr or MANDATE_ADDR)".into(),
+            ));
+        }
+        let mut channels = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let url = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
+            let endpoint = Endpoint::from_shared(url)
+                .map_err(|e| ClientError::Config(format!("bad address {addr:?}: {e}")))?
+                .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+                .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+                .tcp_nodelay(true);
+            channels.push(endpoint.connect_lazy());
+        }
+        let header = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::Config("the token is not valid header text".into()))
+            })
+            .transpose()?;
+        Ok(Client {
+            addrs: addrs.to_vec(),
+            channels,
+            auth: BearerAuth { header },
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The address of the node the client currently talks to.
+    pub fn current_addr(&self) -> &str {
+        &self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    fn is_failover(status: &Status) -> bool {
+        // Unavailable: the node is down or cannot reach a quorum. Cancelled/DeadlineExceeded
+        // with no answer come from a dead connection.
+        matches!(status.code(), Code::Unavailable | Code::Cancelled)
+    }
+
+    async fn with_failover<C, T, F, Fut>(
+        &self,
+        make: impl Fn(Channel) -> C,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let n = self.channels.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for attempt in 0..n * ADDRESS_PASSES_MAX {
+            let i = (start + attempt) % n;
+            match call(make(self.channels[i].clone())).await {
+                Ok(response) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(response.into_inner());
+                }
+                Err(status) if Self::is_failover(&status) => {
+                    last = format!("{}: {}", self.addrs[i], status.message());
+                }
+                Err(status) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Err(ClientError::from_status(&status));
+                }
+            }
+        }
+        Err(ClientError::Unavailable(last))
+    }
+
+    /// Calls the agent registry on a live node.
+    pub async fn registry<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Registry) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let auth = self.auth.clone();
+        self.with_failover(
+            |c| {
+                AgentRegistryClient::with_interceptor(c, auth.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls the cluster service on a live node.
+    pub async fn cluster<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Cluster) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let auth = self.auth.clone();
+        self.with_failover(
+            |c| {
+                ClusterClient::with_interceptor(c, auth.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls the cluster service on the node at `addrs[index]` only (no failover).
+    pub async fn cluster_at<T, F, Fut>(&self, index: usize, call: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Cluster) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let channel = self
+            .channels
+            .get(index)
+            .ok_or_else(|| ClientError::Config(format!("no address number {index}")))?
+            .clone();
+        call(ClusterClient::with_interceptor(channel, self.auth.clone()))
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| match s.code() {
+                Code::Unavailable => {
+                    ClientError::Unavailable(format!("{}: {}", self.addrs[index], s.message()))
+                }
+                _ => ClientError::from_status(&s),
+            })
+    }
 }
 
 #[cfg(test)]
@@ -7,8 +247,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+    fn address_lists_split_on_commas_and_ignore_blanks() {
+        assert_eq!(parse_addrs("a:1, b:2,,c:3 "), vec!["a:1", "b:2", "c:3"]);
+        assert!(parse_addrs(" ").is_empty());
+    }
+
+    #[test]
+    fn a_client_needs_at_least_one_address() {
+        let err = Client::new(&[], None).err().expect("no addresses");
+        assert!(err.to_string().contains("MANDATE_ADDR"));
     }
 }

@@ -1,14 +1,21 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! A Mandate node: configuration, the client-facing gRPC services (agent registry, cluster
+//! administration), caller authentication, and the peer listener for raft.
+//!
+//! Errors from the domain and from the cluster are mapped to gRPC status codes once, in
+//! [`status`]. Every request is authenticated with an operator token before anything is read or
+//! proposed, and validated so that bad input is refused before it reaches the log.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod auth;
+pub mod cluster_service;
+pub mod config;
+pub mod registry_service;
+pub mod server;
+pub mod status;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use config::NodeConfig;
+pub use server::{run, ServerError};
+
+/// Largest client request accepted, in bytes; larger ones are refused with `InvalidArgument`.
+pub const REQUEST_BYTES_MAX: usize = 1024 * 1024;
+/// Hard transport limit on client messages; above it tonic refuses with `OutOfRange`.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;

@@ -13,6 +13,7 @@
 pub mod durability;
 pub mod error;
 pub mod log_store;
+pub mod restore;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;

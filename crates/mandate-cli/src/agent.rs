@@ -1,0 +1,406 @@
+//! `mandate agent ...`: the agent registry.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use clap::{Args, Subcommand};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use mandate_client::pb;
+use serde_json::json;
+
+use crate::output::{self, print};
+use crate::{Connection, Failure};
+
+#[derive(Args, Debug)]
+pub struct AgentCommand {
+    #[command(subcommand)]
+    command: AgentSub,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args, Debug)]
+struct ReadArgs {
+    /// Read what the serving node has applied, without a round trip to the leader.
+    #[arg(long)]
+    stale: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentSub {
+    /// Register an agent.
+    Register {
+        #[arg(long)]
+        name: String,
+        /// The user who owns the agent.
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// A label, key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// A public key: a JWK (JSON) file, or a PEM public or private Ed25519 key (repeatable).
+        #[arg(long = "public-key")]
+        public_keys: Vec<PathBuf>,
+        /// The agent's ceiling: a file holding the most it may ever do.
+        #[arg(long)]
+        ceiling: Option<PathBuf>,
+    },
+    /// Show one agent, by id or name.
+    Get {
+        id_or_name: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// List agents.
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        /// active, suspended or retired.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only agents with this label, key=value.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Change an agent's description, model, provider or labels.
+    Update {
+        id: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// Replace all labels with these key=value labels (repeatable; none clears them).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Apply --label (even when none is given, which clears every label).
+        #[arg(long)]
+        replace_labels: bool,
+    },
+    /// Suspend an agent: it is refused until resumed.
+    Suspend { id: String },
+    /// Resume a suspended agent.
+    Resume { id: String },
+    /// Retire an agent for good; its id and name are never reused.
+    Retire { id: String },
+    /// Add a public key to an agent.
+    AddKey {
+        id: String,
+        #[arg(long = "public-key")]
+        public_key: PathBuf,
+    },
+    /// Remove a public key from an agent, by kid.
+    RemoveKey { id: String, kid: String },
+    /// Generate an Ed25519 key pair: the private key (PKCS#8 PEM) goes to --out, the public JWK
+    /// is printed.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Failure(format!("--label {l:?}: expected key=value")))
+        })
+        .collect()
+}
+
+fn public_jwk(key: &VerifyingKey) -> pb::Jwk {
+    let x = URL_SAFE_NO_PAD.encode(key.as_bytes());
+    pb::Jwk {
+        kid: mandate_core::validate::jwk_thumbprint(&x),
+        kty: "OKP".into(),
+        crv: "Ed25519".into(),
+        x,
+    }
+}
+
+/// Reads a public key from a JWK JSON file or a PEM (public or private) file.
+fn read_public_key(path: &Path) -> Result<pb::Jwk, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?;
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(trimmed)
+            .map_err(|e| Failure(format!("{} is not JSON: {e}", path.display())))?;
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        return Ok(pb::Jwk {
+            kid: field("kid"),
+            kty: field("kty"),
+            crv: field("crv"),
+            x: field("x"),
+        });
+    }
+    if let Ok(signing) = SigningKey::from_pkcs8_pem(trimmed) {
+        return Ok(public_jwk(&signing.verifying_key()));
+    }
+    VerifyingKey::from_public_key_pem(trimmed)
+        .map(|k| public_jwk(&k))
+        .map_err(|_| {
+            Failure(format!(
+                "{} is neither a JWK nor a PEM Ed25519 key",
+                path.display()
+            ))
+        })
+}
+
+fn keygen(out: &Path, as_json: bool) -> Result<(), Failure> {
+    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pem = signing
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| Failure(format!("encoding the private key: {e}")))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(out)
+        .map_err(|e| Failure(format!("cannot create {}: {e}", out.display())))?;
+    std::io::Write::write_all(&mut file, pem.as_bytes())?;
+    file.sync_all()?;
+    print(&output::jwk(&public_jwk(&signing.verifying_key())), as_json);
+    Ok(())
+}
+
+fn read_options(read: &ReadArgs) -> Option<pb::ReadOptions> {
+    Some(pb::ReadOptions {
+        consistency: if read.stale {
+            pb::ReadConsistency::Stale as i32
+        } else {
+            pb::ReadConsistency::Linearizable as i32
+        },
+        min_applied_index: 0,
+    })
+}
+
+fn parse_status(status: Option<&str>) -> Result<pb::AgentStatus, Failure> {
+    Ok(match status {
+        None => pb::AgentStatus::Unspecified,
+        Some("active") => pb::AgentStatus::Active,
+        Some("suspended") => pb::AgentStatus::Suspended,
+        Some("retired") => pb::AgentStatus::Retired,
+        Some(other) => {
+            return Err(Failure(format!(
+                "--status {other:?}: expected active, suspended or retired"
+            )))
+        }
+    })
+}
+
+fn show(response: pb::AgentResponse, as_json: bool) -> Result<(), Failure> {
+    let agent = response
+        .agent
+        .ok_or_else(|| Failure("the server returned no agent".into()))?;
+    let mut value = output::agent(&agent);
+    value["applied_index"] = json!(response.applied_index);
+    print(&value, as_json);
+    Ok(())
+}
+
+pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
+    let json_out = cmd.connection.json;
+    if let AgentSub::Keygen { out } = &cmd.command {
+        return keygen(out, json_out);
+    }
+    let client = cmd.connection.client()?;
+    match cmd.command {
+        AgentSub::Keygen { .. } => unreachable!("handled above"),
+        AgentSub::Register {
+            name,
+            owner,
+            description,
+            model,
+            provider,
+            labels,
+            public_keys,
+            ceiling,
+        } => {
+            let request = pb::RegisterAgentRequest {
+                name,
+                owner,
+                description,
+                model,
+                provider,
+                labels: parse_labels(&labels)?,
+                public_keys: public_keys
+                    .iter()
+                    .map(|p| read_public_key(p))
+                    .collect::<Result<_, _>>()?,
+                ceiling: match ceiling {
+                    Some(path) => std::fs::read_to_string(&path)
+                        .map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?,
+                    None => String::new(),
+                },
+            };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.register(request).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::Get { id_or_name, read } => {
+            let request = pb::GetAgentRequest {
+                id_or_name,
+                read: read_options(&read),
+            };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.get(request).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::List {
+            owner,
+            status,
+            label,
+            page_size,
+            page_token,
+            read,
+        } => {
+            let request = pb::ListAgentsRequest {
+                owner: owner.unwrap_or_default(),
+                status: parse_status(status.as_deref())? as i32,
+                label: label.unwrap_or_default(),
+                page_size,
+                page_token,
+                read: read_options(&read),
+            };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.list(request).await }
+                })
+                .await?;
+            if json_out {
+                let agents: Vec<_> = r.agents.iter().map(output::agent).collect();
+                print(
+                    &json!({ "agents": agents, "next_page_token": r.next_page_token, "applied_index": r.applied_index }),
+                    true,
+                );
+            } else {
+                for a in &r.agents {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        a.id,
+                        a.name,
+                        a.owner,
+                        output::status_name(a.status)
+                    );
+                }
+                if !r.next_page_token.is_empty() {
+                    println!("next page: --page-token {}", r.next_page_token);
+                }
+            }
+            Ok(())
+        }
+        AgentSub::Update {
+            id,
+            description,
+            model,
+            provider,
+            labels,
+            replace_labels,
+        } => {
+            if !labels.is_empty() && !replace_labels {
+                return Err(Failure(
+                    "--label needs --replace-labels: an update replaces every label".into(),
+                ));
+            }
+            let request = pb::UpdateAgentRequest {
+                id,
+                description,
+                model,
+                provider,
+                replace_labels,
+                labels: parse_labels(&labels)?,
+            };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.update(request).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::Suspend { id } => {
+            let r = client
+                .registry(|mut c| {
+                    let id = id.clone();
+                    async move { c.suspend(pb::AgentIdRequest { id }).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::Resume { id } => {
+            let r = client
+                .registry(|mut c| {
+                    let id = id.clone();
+                    async move { c.resume(pb::AgentIdRequest { id }).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::Retire { id } => {
+            let r = client
+                .registry(|mut c| {
+                    let id = id.clone();
+                    async move { c.retire(pb::AgentIdRequest { id }).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::AddKey { id, public_key } => {
+            let request = pb::AddAgentKeyRequest {
+                id,
+                key: Some(read_public_key(&public_key)?),
+            };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.add_key(request).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+        AgentSub::RemoveKey { id, kid } => {
+            let request = pb::RemoveAgentKeyRequest { id, kid };
+            let r = client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.remove_key(request).await }
+                })
+                .await?;
+            show(r, json_out)
+        }
+    }
+}

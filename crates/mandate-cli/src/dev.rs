@@ -1,0 +1,238 @@
+//! `mandate dev`: a local cluster of N nodes, each its own OS process, for development.
+//!
+//! Node i has id i, listens for clients on 127.0.0.1:BASE+i-1 and for peers on
+//! 127.0.0.1:BASE+100+i-1, and keeps its data in DIR/node-i. The first run initialises the
+//! cluster and writes DIR/env (MANDATE_ADDR and the root MANDATE_TOKEN); later runs on the same
+//! DIR restart the same cluster with its data and token.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use mandate_client::{pb, Client};
+use mandate_server::config::{PeerConfig, RaftConfig};
+use mandate_server::NodeConfig;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::Failure;
+
+/// Most nodes `dev` starts (peer ports sit 100 above client ports).
+pub const DEV_NODES_MAX: u16 = 99;
+/// How long `dev` waits for its nodes to listen.
+pub const DEV_START_TIMEOUT_MS: u64 = 30_000;
+/// How long a node may take to stop after SIGTERM before it is killed.
+pub const DEV_STOP_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 1)]
+    nodes: u16,
+    /// Where the cluster's data, logs, env and pid files live.
+    #[arg(long, default_value = ".mandate-dev")]
+    data_dir: PathBuf,
+    /// First client port; node i listens on BASE+i-1.
+    #[arg(long, default_value_t = 7400)]
+    port: u16,
+}
+
+struct DevNode {
+    id: u64,
+    child: Child,
+}
+
+fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
+    let client = |i: u64| format!("127.0.0.1:{}", u64::from(base) + i - 1);
+    let peer = |i: u64| format!("127.0.0.1:{}", u64::from(base) + 100 + i - 1);
+    NodeConfig {
+        node_id: id,
+        client_addr: client(id),
+        peer_addr: peer(id),
+        data_dir: dir.join(format!("node-{id}")),
+        peers: (1..=u64::from(nodes))
+            .map(|i| PeerConfig {
+                id: i,
+                peer_addr: peer(i),
+                client_addr: client(i),
+            })
+            .collect(),
+        join: None,
+        join_token: None,
+        raft: RaftConfig::default(),
+    }
+}
+
+async fn spawn_node(dir: &Path, config: &NodeConfig) -> Result<Child, Failure> {
+    let node_dir = &config.data_dir;
+    std::fs::create_dir_all(node_dir)?;
+    let config_path = node_dir.join("config.toml");
+    std::fs::write(&config_path, config.to_toml())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node_dir.join("node.log"))?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .arg("server")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("MANDATE_NODE_ID")
+        .env_remove("MANDATE_CLIENT_ADDR")
+        .env_remove("MANDATE_PEER_ADDR")
+        .env_remove("MANDATE_DATA_DIR")
+        .env_remove("MANDATE_PEERS")
+        .env_remove("MANDATE_JOIN")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| Failure(format!("cannot start node {}: {e}", config.node_id)))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| Failure("a node exited at once".into()))?;
+    std::fs::write(
+        dir.join(format!("node-{}.pid", config.node_id)),
+        format!("{pid}\n"),
+    )?;
+    Ok(child)
+}
+
+async fn wait_listening(addr: &str, deadline: Instant) -> Result<(), Failure> {
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Failure(format!(
+                "node at {addr} did not start listening; see its node.log"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_env_token(path: &Path) -> Result<Option<String>, Failure> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("MANDATE_TOKEN="))
+            .map(str::to_owned)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn stop_all(nodes: &mut [DevNode], dir: &Path) {
+    for node in nodes.iter() {
+        if let Some(pid) = node.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for node in nodes.iter_mut() {
+        let waited = tokio::time::timeout(
+            Duration::from_millis(DEV_STOP_TIMEOUT_MS),
+            node.child.wait(),
+        )
+        .await;
+        if waited.is_err() {
+            eprintln!(
+                "node {} did not stop within {DEV_STOP_TIMEOUT_MS} ms; killing it",
+                node.id
+            );
+            let _ = node.child.kill().await;
+        }
+        let _ = std::fs::remove_file(dir.join(format!("node-{}.pid", node.id)));
+    }
+}
+
+async fn shutdown_signal() -> Result<(), Failure> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(Failure::from),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+pub async fn run(args: DevArgs) -> Result<(), Failure> {
+    if args.nodes == 0 || args.nodes > DEV_NODES_MAX {
+        return Err(Failure(format!(
+            "--nodes must be between 1 and {DEV_NODES_MAX}"
+        )));
+    }
+    if u32::from(args.port) + 100 + u32::from(args.nodes) > u32::from(u16::MAX) {
+        return Err(Failure(format!(
+            "--port {} leaves no room for {} nodes",
+            args.port, args.nodes
+        )));
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let dir = std::fs::canonicalize(&args.data_dir)?;
+    let configs: Vec<NodeConfig> = (1..=u64::from(args.nodes))
+        .map(|i| node_config(&dir, i, args.port, args.nodes))
+        .collect();
+    let mut nodes = Vec::new();
+    for config in &configs {
+        match spawn_node(&dir, config).await {
+            Ok(child) => nodes.push(DevNode {
+                id: config.node_id,
+                child,
+            }),
+            Err(e) => {
+                stop_all(&mut nodes, &dir).await;
+                return Err(e);
+            }
+        }
+    }
+    let result = bring_up(&dir, &configs).await;
+    let token = match result {
+        Ok(token) => token,
+        Err(e) => {
+            stop_all(&mut nodes, &dir).await;
+            return Err(e);
+        }
+    };
+    let addrs: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
+    let env = format!("MANDATE_ADDR={}\nMANDATE_TOKEN={token}\n", addrs.join(","));
+    let env_path = dir.join("env");
+    std::fs::write(&env_path, &env)?;
+    print!("{env}");
+    eprintln!(
+        "mandate dev: {} node(s) running; data, logs and pid files in {}. Ctrl-C stops them.",
+        args.nodes,
+        dir.display()
+    );
+    let signal = shutdown_signal().await;
+    eprintln!("mandate dev: stopping");
+    stop_all(&mut nodes, &dir).await;
+    signal
+}
+
+/// Waits for the nodes to listen, then initialises the cluster if this DIR never was.
+async fn bring_up(dir: &Path, configs: &[NodeConfig]) -> Result<String, Failure> {
+    let deadline = Instant::now() + Duration::from_millis(DEV_START_TIMEOUT_MS);
+    for config in configs {
+        wait_listening(&config.client_addr, deadline).await?;
+    }
+    if let Some(token) = read_env_token(&dir.join("env"))? {
+        return Ok(token);
+    }
+    let client = Client::new(&[configs[0].client_addr.clone()], None)?;
+    let members: Vec<pb::Member> = configs
+        .iter()
+        .map(|c| pb::Member {
+            id: c.node_id,
+            peer_addr: c.peer_addr.clone(),
+            client_addr: c.client_addr.clone(),
+        })
+        .collect();
+    let response = client
+        .cluster(|mut c| {
+            let members = members.clone();
+            async move { c.init(pb::InitRequest { members }).await }
+        })
+        .await?;
+    Ok(response.root_token)
+}

@@ -1,0 +1,135 @@
+//! `mandate server`: run one node from a config file, flags and `MANDATE_*` variables
+//! (flags and variables override the file).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use mandate_server::config::{PeerConfig, RaftConfig};
+use mandate_server::NodeConfig;
+
+use crate::Failure;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Node configuration file (TOML).
+    #[arg(long, env = "MANDATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id (≥ 1).
+    #[arg(long, env = "MANDATE_NODE_ID")]
+    node_id: Option<u64>,
+    /// Client listen address, host:port.
+    #[arg(long, env = "MANDATE_CLIENT_ADDR")]
+    client_addr: Option<String>,
+    /// Peer (raft) listen address, host:port.
+    #[arg(long, env = "MANDATE_PEER_ADDR")]
+    peer_addr: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "MANDATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// An initial member, as ID=PEER_ADDR/CLIENT_ADDR (repeatable; MANDATE_PEERS is comma-separated).
+    #[arg(long = "peer", env = "MANDATE_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Ask the member at this client address to add this node as a learner.
+    #[arg(long, env = "MANDATE_JOIN")]
+    join: Option<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(
+        long,
+        env = "MANDATE_LOG",
+        default_value = "info,openraft=warn,sled=warn"
+    )]
+    log: String,
+}
+
+fn parse_peer(spec: &str) -> Result<PeerConfig, Failure> {
+    let bad = || {
+        Failure(format!(
+            "--peer {spec:?}: expected ID=PEER_ADDR/CLIENT_ADDR"
+        ))
+    };
+    let (id, addrs) = spec.split_once('=').ok_or_else(bad)?;
+    let (peer_addr, client_addr) = addrs.split_once('/').ok_or_else(bad)?;
+    Ok(PeerConfig {
+        id: id.parse().map_err(|_| bad())?,
+        peer_addr: peer_addr.to_owned(),
+        client_addr: client_addr.to_owned(),
+    })
+}
+
+fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::load(path).map_err(|e| Failure(e.to_string()))?,
+        None => {
+            let missing = |flag: &str| {
+                Failure(format!(
+                    "--{flag} is required when no --config file is given"
+                ))
+            };
+            NodeConfig {
+                node_id: args.node_id.ok_or_else(|| missing("node-id"))?,
+                client_addr: args
+                    .client_addr
+                    .clone()
+                    .ok_or_else(|| missing("client-addr"))?,
+                peer_addr: args.peer_addr.clone().ok_or_else(|| missing("peer-addr"))?,
+                data_dir: args.data_dir.clone().ok_or_else(|| missing("data-dir"))?,
+                peers: vec![],
+                join: None,
+                join_token: None,
+                raft: RaftConfig::default(),
+            }
+        }
+    };
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.client_addr {
+        config.client_addr = v;
+    }
+    if let Some(v) = args.peer_addr {
+        config.peer_addr = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if !args.peers.is_empty() {
+        config.peers = args
+            .peers
+            .iter()
+            .map(|p| parse_peer(p))
+            .collect::<Result<_, _>>()?;
+    }
+    if args.join.is_some() {
+        config.join = args.join;
+    }
+    config.validate().map_err(|e| Failure(e.to_string()))?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+pub async fn run(args: ServerArgs) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .map_err(|e| Failure(format!("--log {:?}: {e}", args.log)))?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let config = build_config(args)?;
+    mandate_server::run(config, shutdown_signal())
+        .await
+        .map_err(|e| Failure(e.to_string()))
+}

@@ -1,0 +1,226 @@
+//! Node configuration: one TOML file, every key overridable by `MANDATE_*` environment
+//! variables and by command-line flags (the CLI applies those on top of the file).
+
+use std::path::{Path, PathBuf};
+
+use mandate_raft::RaftTiming;
+use serde::{Deserialize, Serialize};
+
+/// One initial member of the cluster, as listed in `peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub peer_addr: String,
+    pub client_addr: String,
+}
+
+/// Raft timings; see [`RaftTiming`] for the meaning of each.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_logs_since_last: u64,
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let t = RaftTiming::default();
+        RaftConfig {
+            heartbeat_ms: t.heartbeat_ms,
+            election_timeout_min_ms: t.election_timeout_min_ms,
+            election_timeout_max_ms: t.election_timeout_max_ms,
+            snapshot_logs_since_last: t.snapshot_logs_since_last,
+            logs_kept_after_snapshot: t.logs_kept_after_snapshot,
+        }
+    }
+}
+
+impl From<&RaftConfig> for RaftTiming {
+    fn from(c: &RaftConfig) -> Self {
+        RaftTiming {
+            heartbeat_ms: c.heartbeat_ms,
+            election_timeout_min_ms: c.election_timeout_min_ms,
+            election_timeout_max_ms: c.election_timeout_max_ms,
+            snapshot_logs_since_last: c.snapshot_logs_since_last,
+            logs_kept_after_snapshot: c.logs_kept_after_snapshot,
+        }
+    }
+}
+
+/// The configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's raft id; unique in the cluster and never reused.
+    pub node_id: u64,
+    /// Where clients reach this node (`host:port`).
+    pub client_addr: String,
+    /// Where the other members reach this node (`host:port`).
+    pub peer_addr: String,
+    /// Where the raft log, state and snapshots live.
+    pub data_dir: PathBuf,
+    /// The initial voters (this node included or not) used by `mandate cluster init`.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// A member's client address to ask, at start, to add this node as a learner.
+    #[serde(default)]
+    pub join: Option<String>,
+    /// The operator token used for `join` (better given as `MANDATE_JOIN_TOKEN`).
+    #[serde(default)]
+    pub join_token: Option<String>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is invalid: {message}")]
+    Parse { path: String, message: String },
+    #[error("configuration key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl NodeConfig {
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The file form of this configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a NodeConfig always serializes")
+    }
+
+    /// Checks the configuration as a whole.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                key: "node_id",
+                message: "must be at least 1 (0 means \"no node\" in status output)".into(),
+            });
+        }
+        for (key, addr) in [
+            ("client_addr", &self.client_addr),
+            ("peer_addr", &self.peer_addr),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{addr:?} is not host:port with a numeric host"),
+                });
+            }
+        }
+        if self.client_addr == self.peer_addr {
+            return Err(ConfigError::Invalid {
+                key: "peer_addr",
+                message: "must differ from client_addr".into(),
+            });
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                message: "must be set".into(),
+            });
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if peer.id == 0 || !ids.insert(peer.id) {
+                return Err(ConfigError::Invalid {
+                    key: "peers",
+                    message: format!("peer id {} is zero or listed twice", peer.id),
+                });
+            }
+            if peer.id == self.node_id
+                && (peer.peer_addr != self.peer_addr || peer.client_addr != self.client_addr)
+            {
+                return Err(ConfigError::Invalid {
+                    key: "peers",
+                    message: format!(
+                        "the entry for this node ({}) disagrees with client_addr/peer_addr",
+                        peer.id
+                    ),
+                });
+            }
+        }
+        RaftTiming::from(&self.raft)
+            .to_config()
+            .map_err(|e| ConfigError::Invalid {
+                key: "raft",
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            client_addr: "127.0.0.1:7400".into(),
+            peer_addr: "127.0.0.1:7500".into(),
+            data_dir: "/tmp/x".into(),
+            peers: vec![],
+            join: None,
+            join_token: None,
+            raft: RaftConfig::default(),
+        }
+    }
+
+    #[test]
+    fn a_config_round_trips_through_toml() {
+        let c = config();
+        let back: NodeConfig = toml::from_str(&c.to_toml()).expect("parses");
+        assert_eq!(back.to_toml(), c.to_toml());
+        back.validate().expect("valid");
+    }
+
+    #[test]
+    fn invalid_settings_name_their_key() {
+        let mut c = config();
+        c.node_id = 0;
+        assert!(c
+            .validate()
+            .expect_err("zero id")
+            .to_string()
+            .contains("node_id"));
+        let mut c = config();
+        c.peer_addr = c.client_addr.clone();
+        assert!(c
+            .validate()
+            .expect_err("same addr")
+            .to_string()
+            .contains("peer_addr"));
+        let mut c = config();
+        c.client_addr = "localhost".into();
+        assert!(c
+            .validate()
+            .expect_err("no port")
+            .to_string()
+            .contains("client_addr"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let text = format!("{}\nbogus = 1\n", config().to_toml());
+        let err = toml::from_str::<NodeConfig>(&text).expect_err("unknown key");
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

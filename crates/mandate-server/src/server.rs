@@ -1,0 +1,204 @@
+//! Assembling and running one node: storage, raft, the client listener (registry + cluster
+//! services) and the peer listener (raft transport).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mandate_core::pb;
+use mandate_proto::v1::agent_registry_server::AgentRegistryServer;
+use mandate_proto::v1::cluster_client::ClusterClient;
+use mandate_proto::v1::cluster_server::ClusterServer;
+use mandate_proto::v1::raft_peer_server::RaftPeerServer;
+use mandate_proto::v1::{AddLearnerRequest, Member as MemberMsg};
+use mandate_raft::peer_service::PeerService;
+use mandate_raft::{Member, Node, RaftTiming, PEER_MESSAGE_BYTES_MAX};
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::Status;
+
+use crate::cluster_service::ClusterService;
+use crate::config::{ConfigError, NodeConfig};
+use crate::registry_service::RegistryService;
+use crate::{status, CLIENT_MESSAGE_BYTES_MAX};
+
+/// How long a joining node keeps asking to be added as a learner.
+pub const JOIN_ATTEMPTS_MAX: u32 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start the node: {0}")]
+    Start(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the {listener} listener failed: {source}")]
+    Serve {
+        listener: &'static str,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Proposes one command as the given operator and returns what apply made of it.
+pub(crate) async fn submit(
+    node: &Node,
+    token: &pb::OperatorToken,
+    kind: pb::command::Kind,
+) -> Result<(pb::CommandApplied, u64), Status> {
+    let command = pb::Command {
+        request_id: String::new(),
+        time_ms: 0,
+        operator_token_id: token.id.clone(),
+        kind: Some(kind),
+    };
+    let result = node
+        .write(command)
+        .await
+        .map_err(|e| status::from_node(&e))?;
+    match result.outcome {
+        Some(pb::command_result::Outcome::Applied(applied)) => Ok((applied, result.log_index)),
+        Some(pb::command_result::Outcome::Error(e)) => Err(status::from_command_error(&e)),
+        None => Err(Status::internal("apply returned no outcome")),
+    }
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let member = Member {
+        peer_addr: config.peer_addr.clone(),
+        client_addr: config.client_addr.clone(),
+    };
+    let timing = RaftTiming::from(&config.raft);
+    let node = Node::start(config.node_id, member, &config.data_dir, &timing)
+        .await
+        .map_err(ServerError::Start)?;
+    let client_listener = bind(&config.client_addr).await?;
+    let peer_listener = bind(&config.peer_addr).await?;
+    tracing::info!(
+        node_id = config.node_id,
+        client_addr = %config.client_addr,
+        peer_addr = %config.peer_addr,
+        data_dir = %config.data_dir.display(),
+        "mandate node started"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let peer = Server::builder().add_service(
+        RaftPeerServer::new(PeerService::new(node.clone()))
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+    );
+    let client = Server::builder()
+        .add_service(
+            AgentRegistryServer::new(RegistryService::new(node.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(node.clone(), config.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        );
+    let peer_task = tokio::spawn(peer.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
+        stopped(stop_rx.clone()),
+    ));
+    let client_task = tokio::spawn(client.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(client_listener),
+        stopped(stop_rx.clone()),
+    ));
+    if let Some(join) = config.join.clone() {
+        tokio::spawn(join_cluster(node.clone(), config.clone(), join));
+    }
+
+    shutdown.await;
+    tracing::info!("mandate node stopping");
+    let _ = stop_tx.send(true);
+    let served = [("client", client_task.await), ("peer", peer_task.await)];
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft did not shut down cleanly");
+    }
+    for (listener, result) in served {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(ServerError::Serve { listener, source }),
+            Err(e) => return Err(ServerError::Start(format!("{listener} listener task: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the member at `join` to add this node as a learner, until it is a member.
+async fn join_cluster(node: Arc<Node>, config: NodeConfig, join: String) {
+    let token = config
+        .join_token
+        .clone()
+        .or_else(|| std::env::var("MANDATE_JOIN_TOKEN").ok());
+    let Some(token) = token else {
+        tracing::error!(
+            "join is set but no join_token or MANDATE_JOIN_TOKEN was given; not joining"
+        );
+        return;
+    };
+    for attempt in 1..=JOIN_ATTEMPTS_MAX {
+        if node
+            .metrics()
+            .membership_config
+            .membership()
+            .get_node(&node.id)
+            .is_some()
+        {
+            tracing::info!("this node is a member of the cluster");
+            return;
+        }
+        match ask_to_join(&join, &token, &config).await {
+            Ok(()) => {
+                tracing::info!(join = %join, "added as a learner; promote it with `mandate cluster promote`");
+                return;
+            }
+            Err(e) => tracing::warn!(attempt, join = %join, error = %e, "joining failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::error!(join = %join, "giving up joining the cluster");
+}
+
+async fn ask_to_join(join: &str, token: &str, config: &NodeConfig) -> Result<(), String> {
+    let mut client = ClusterClient::connect(format!("http://{join}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(AddLearnerRequest {
+        member: Some(MemberMsg {
+            id: config.node_id,
+            peer_addr: config.peer_addr.clone(),
+            client_addr: config.client_addr.clone(),
+        }),
+    });
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the join token is not valid header text".to_owned())?;
+    request.metadata_mut().insert("authorization", bearer);
+    match client.add_learner(request).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(s) => Err(s.message().to_owned()),
+    }
+}
