@@ -32,6 +32,12 @@ pub struct ServerArgs {
     /// Ask the member at this client address to add this node as a learner.
     #[arg(long, env = "MANDATE_JOIN")]
     join: Option<String>,
+    /// Build a snapshot after this many log entries since the last one.
+    #[arg(long, env = "MANDATE_SNAPSHOT_LOGS_SINCE_LAST")]
+    snapshot_logs_since_last: Option<u64>,
+    /// Log entries kept after a snapshot for lagging followers.
+    #[arg(long, env = "MANDATE_LOGS_KEPT_AFTER_SNAPSHOT")]
+    logs_kept_after_snapshot: Option<u64>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(
         long,
@@ -101,6 +107,12 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
     }
     if args.join.is_some() {
         config.join = args.join;
+    }
+    if let Some(v) = args.snapshot_logs_since_last {
+        config.raft.snapshot_logs_since_last = v;
+    }
+    if let Some(v) = args.logs_kept_after_snapshot {
+        config.raft.logs_kept_after_snapshot = v;
     }
     config.validate().map_err(|e| Failure(e.to_string()))?;
     Ok(config)

@@ -43,8 +43,8 @@ impl Default for RaftTiming {
 }
 
 impl RaftTiming {
-    /// The openraft configuration for these timings.
-    pub fn to_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+    /// The openraft configuration for these timings, or why they are inconsistent.
+    pub fn to_config(&self) -> Result<openraft::Config, String> {
         openraft::Config {
             cluster_name: "mandate".into(),
             heartbeat_interval: self.heartbeat_ms,
@@ -56,6 +56,7 @@ impl RaftTiming {
             ..Default::default()
         }
         .validate()
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -159,9 +159,9 @@ impl NodeConfig {
         }
         RaftTiming::from(&self.raft)
             .to_config()
-            .map_err(|e| ConfigError::Invalid {
+            .map_err(|message| ConfigError::Invalid {
                 key: "raft",
-                message: e.to_string(),
+                message,
             })?;
         Ok(())
     }

@@ -30,6 +30,9 @@ const MEMBERSHIP: &[u8] = b"\x00membership";
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
 
+/// One key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// A read-only view of the materialized state; cheap to clone.
 #[derive(Clone)]
 pub struct StateView {
@@ -52,7 +55,7 @@ impl StateView {
         &self,
         prefix: &[u8],
         start: &[u8],
-    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageFault>> + '_ {
+    ) -> impl Iterator<Item = Result<KeyValue, StorageFault>> + '_ {
         let from = if start > prefix {
             start.to_vec()
         } else {
@@ -82,7 +85,7 @@ impl StateView {
     }
 
     /// Every key of the state, in order (for tests and diagnostics).
-    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageFault> {
+    pub fn dump(&self) -> Result<Vec<KeyValue>, StorageFault> {
         self.scan(b"", b"").collect()
     }
 }

@@ -1,0 +1,236 @@
+//! A harness that runs real `mandate` processes: `mandate dev` clusters, extra `mandate server`
+//! nodes, and CLI commands against them.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const MANDATE: &str = env!("CARGO_BIN_EXE_mandate");
+
+/// Polls `probe` until it returns `Some`, failing the test after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A local cluster started with `mandate dev`.
+pub struct DevCluster {
+    pub dir: tempfile::TempDir,
+    pub base: u16,
+    pub nodes: u16,
+    pub addrs: Vec<String>,
+    pub token: String,
+    dev: Child,
+    extra: Vec<Child>,
+}
+
+impl DevCluster {
+    pub fn start(nodes: u16, base: u16) -> Self {
+        Self::start_with_env(nodes, base, &[])
+    }
+
+    pub fn start_with_env(nodes: u16, base: u16, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dev = spawn_dev(dir.path(), nodes, base, env);
+        let (addrs, token) = wait_for_env(dir.path());
+        DevCluster {
+            dir,
+            base,
+            nodes,
+            addrs,
+            token,
+            dev,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn addr(&self, node: u64) -> String {
+        format!("127.0.0.1:{}", u64::from(self.base) + node - 1)
+    }
+
+    pub fn peer_addr(&self, node: u64) -> String {
+        format!("127.0.0.1:{}", u64::from(self.base) + 100 + node - 1)
+    }
+
+    /// Runs a CLI command against the whole cluster.
+    pub fn mandate(&self, args: &[&str]) -> Output {
+        self.mandate_at(&self.addrs.join(","), args)
+    }
+
+    /// Runs a CLI command against the given addresses.
+    pub fn mandate_at(&self, addrs: &str, args: &[&str]) -> Output {
+        Command::new(MANDATE)
+            .args(args)
+            .env("MANDATE_ADDR", addrs)
+            .env("MANDATE_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mandate")
+    }
+
+    /// Runs a CLI command that must succeed with `--json`, and parses its output.
+    pub fn json(&self, addrs: &str, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.mandate_at(addrs, &all);
+        assert!(
+            out.status.success(),
+            "mandate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    }
+
+    /// Like [`Self::json`], but `None` on failure (for polling).
+    pub fn try_json(&self, addrs: &str, args: &[&str]) -> Option<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.mandate_at(addrs, &all);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self, addrs: &str) -> Option<Value> {
+        self.try_json(addrs, &["cluster", "status"])
+    }
+
+    pub fn leader(&self) -> u64 {
+        wait_for("a leader", Duration::from_secs(10), || {
+            let s = self.status(&self.addrs.join(","))?;
+            s["leader"].as_u64().filter(|l| *l != 0)
+        })
+    }
+
+    pub fn pid(&self, node: u64) -> i32 {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("node-{node}.pid")))
+            .expect("pid file");
+        text.trim().parse().expect("pid")
+    }
+
+    /// SIGKILLs a node started by `dev`.
+    pub fn kill_node(&self, node: u64) {
+        kill(Pid::from_raw(self.pid(node)), Signal::SIGKILL).expect("kill node");
+    }
+
+    /// Starts `mandate server` from a node directory's config file (after a kill).
+    pub fn restart_node(&mut self, node: u64) {
+        let config = self.dir.path().join(format!("node-{node}/config.toml"));
+        let child = Command::new(MANDATE)
+            .args(["server", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart node");
+        self.extra.push(child);
+    }
+
+    /// Starts a node outside `dev` with the given flags (it is stopped with the cluster).
+    pub fn spawn_server(&mut self, args: &[&str], env: &[(&str, &str)]) -> PathBuf {
+        let log = self
+            .dir
+            .path()
+            .join(format!("extra-{}.log", self.extra.len()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(MANDATE)
+            .arg("server")
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(file.try_clone().expect("clone log"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn server");
+        self.extra.push(child);
+        log
+    }
+
+    /// Stops `dev` with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        let _ = kill(Pid::from_raw(self.dev.id() as i32), Signal::SIGTERM);
+        let _ = self.dev.wait();
+        for child in &mut self.extra {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.extra.clear();
+    }
+
+    /// Starts `dev` again on the same directory.
+    pub fn restart_dev(&mut self) {
+        self.dev = spawn_dev(self.dir.path(), self.nodes, self.base, &[]);
+        let (addrs, token) = wait_for_env(self.dir.path());
+        self.addrs = addrs;
+        self.token = token;
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_dev(dir: &Path, nodes: u16, base: u16, env: &[(&str, &str)]) -> Child {
+    // A stale env from an earlier run would be read before the new cluster is up.
+    let _ = std::fs::remove_file(dir.join("env.ready"));
+    let log = std::fs::File::create(dir.join("dev.log")).expect("dev log");
+    let ready = std::fs::File::create(dir.join("env.ready")).expect("ready file");
+    Command::new(MANDATE)
+        .args([
+            "dev",
+            "--nodes",
+            &nodes.to_string(),
+            "--port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .envs(env.iter().copied())
+        .env_remove("MANDATE_ADDR")
+        .env_remove("MANDATE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(ready)
+        .stderr(log)
+        .spawn()
+        .expect("spawn mandate dev")
+}
+
+/// `dev` prints the env lines on stdout once the cluster is up; wait for both lines.
+fn wait_for_env(dir: &Path) -> (Vec<String>, String) {
+    wait_for(
+        "mandate dev to print its env",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(dir.join("env.ready")).ok()?;
+            let addr = text.lines().find_map(|l| l.strip_prefix("MANDATE_ADDR="))?;
+            let token = text
+                .lines()
+                .find_map(|l| l.strip_prefix("MANDATE_TOKEN="))?;
+            Some((
+                addr.split(',').map(str::to_owned).collect(),
+                token.to_owned(),
+            ))
+        },
+    )
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
