@@ -10,6 +10,11 @@ fn main() -> std::io::Result<()> {
         .iter()
         .map(|name| root.join(format!("mandate/v1/{name}.proto")))
         .collect();
+    // The schemas live outside this package, so cargo would not notice them change.
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    println!("cargo:rerun-if-changed=build.rs");
     tonic_prost_build::configure()
         .build_server(grpc)
         .build_client(grpc)

@@ -93,11 +93,11 @@ enum AgentSub {
         #[arg(long)]
         replace_labels: bool,
     },
-    /// Suspend an agent: it is refused until resumed.
+    /// Suspend an agent (by id or name): it is refused until resumed.
     Suspend { id: String },
-    /// Resume a suspended agent.
+    /// Resume a suspended agent (by id or name).
     Resume { id: String },
-    /// Retire an agent for good; its id and name are never reused.
+    /// Retire an agent (by id or name) for good; its id and name are never reused.
     Retire { id: String },
     /// Add a public key to an agent.
     AddKey {
@@ -211,6 +211,26 @@ fn parse_status(status: Option<&str>) -> Result<pb::AgentStatus, Failure> {
             )))
         }
     })
+}
+
+/// An agent id, looked up by name when given one.
+async fn resolve(client: &mandate_client::Client, id_or_name: &str) -> Result<String, Failure> {
+    if id_or_name.starts_with("agt_") {
+        return Ok(id_or_name.to_owned());
+    }
+    let request = pb::GetAgentRequest {
+        id_or_name: id_or_name.to_owned(),
+        read: None,
+    };
+    let r = client
+        .registry(|mut c| {
+            let request = request.clone();
+            async move { c.get(request).await }
+        })
+        .await?;
+    r.agent
+        .map(|a| a.id)
+        .ok_or_else(|| Failure("the server returned no agent".into()))
 }
 
 fn show(response: pb::AgentResponse, as_json: bool) -> Result<(), Failure> {
@@ -331,6 +351,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             labels,
             replace_labels,
         } => {
+            let id = resolve(&client, &id).await?;
             if !labels.is_empty() && !replace_labels {
                 return Err(Failure(
                     "--label needs --replace-labels: an update replaces every label".into(),
@@ -353,6 +374,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             show(r, json_out)
         }
         AgentSub::Suspend { id } => {
+            let id = resolve(&client, &id).await?;
             let r = client
                 .registry(|mut c| {
                     let id = id.clone();
@@ -362,6 +384,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             show(r, json_out)
         }
         AgentSub::Resume { id } => {
+            let id = resolve(&client, &id).await?;
             let r = client
                 .registry(|mut c| {
                     let id = id.clone();
@@ -371,6 +394,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             show(r, json_out)
         }
         AgentSub::Retire { id } => {
+            let id = resolve(&client, &id).await?;
             let r = client
                 .registry(|mut c| {
                     let id = id.clone();
@@ -380,6 +404,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             show(r, json_out)
         }
         AgentSub::AddKey { id, public_key } => {
+            let id = resolve(&client, &id).await?;
             let request = pb::AddAgentKeyRequest {
                 id,
                 key: Some(read_public_key(&public_key)?),
@@ -393,6 +418,7 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
             show(r, json_out)
         }
         AgentSub::RemoveKey { id, kid } => {
+            let id = resolve(&client, &id).await?;
             let request = pb::RemoveAgentKeyRequest { id, kid };
             let r = client
                 .registry(|mut c| {
