@@ -295,3 +295,37 @@ fn concurrent_writers_each_get_their_own_result() {
     }
     assert_eq!(ids.len(), 64);
 }
+
+#[test]
+fn an_oversized_request_is_refused_naming_the_request() {
+    let c = DevCluster::start(1, 22800);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = runtime.block_on(async { mandate_client::Client::new(&c.addrs, Some(&c.token)) });
+    let client = client.expect("client");
+    for (size, code, field) in [
+        (
+            2 * 1024 * 1024,
+            mandate_client::Code::InvalidArgument,
+            Some("request"),
+        ),
+        (5 * 1024 * 1024, mandate_client::Code::OutOfRange, None),
+    ] {
+        let request = mandate_client::pb::RegisterAgentRequest {
+            name: "huge".into(),
+            owner: "alice".into(),
+            description: "x".repeat(size),
+            ..Default::default()
+        };
+        let err = runtime
+            .block_on(client.registry(|mut r| {
+                let request = request.clone();
+                async move { r.register(request).await }
+            }))
+            .expect_err("an oversized request was accepted");
+        assert_eq!(err.code(), code, "{err}");
+        if let mandate_client::ClientError::Status { field: got, .. } = &err {
+            assert_eq!(got.as_deref(), field);
+        }
+    }
+    assert_eq!(count_agents(&c), 0);
+}

@@ -253,3 +253,57 @@ fn a_saved_snapshot_restores_into_a_new_single_node_cluster() {
     );
     assert_eq!(after["status"], "active");
 }
+
+#[test]
+fn a_node_started_with_join_becomes_a_learner_and_can_be_removed() {
+    let mut c = DevCluster::start(3, 21800);
+    let all = c.addrs.join(",");
+    register(&c, &all, "seen-by-joiner");
+    let dir = c.dir.path().join("joiner");
+    let (client, peer) = ("127.0.0.1:21803".to_owned(), "127.0.0.1:21903".to_owned());
+    let token = c.token.clone();
+    c.spawn_server(
+        &[
+            "--node-id",
+            "5",
+            "--client-addr",
+            &client,
+            "--peer-addr",
+            &peer,
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--join",
+            &c.addr(2),
+        ],
+        &[("MANDATE_JOIN_TOKEN", &token)],
+    );
+    let status = wait_for(
+        "node 5 to join as a learner",
+        Duration::from_secs(20),
+        || {
+            let s = c.status(&all)?;
+            let joined = s["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == 5 && m["voter"] == false);
+            joined.then_some(s)
+        },
+    );
+    assert_eq!(member(&status, 5)["client_addr"], client.as_str());
+    wait_for("node 5 to replicate", Duration::from_secs(20), || {
+        c.try_json(&client, &["agent", "get", "seen-by-joiner", "--stale"])
+    });
+
+    let membership = c.json(&all, &["cluster", "remove", "5"]);
+    assert!(!membership["learners"]
+        .as_array()
+        .expect("learners")
+        .iter()
+        .any(|m| m["id"] == 5));
+    let s = c.status(&all).expect("status");
+    assert!(!s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .any(|m| m["id"] == 5));
+}

@@ -16,9 +16,10 @@ use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 pub use mandate_proto::v1 as pb;
+pub use tonic::Code;
 
 /// How long a connection attempt to one node may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
