@@ -100,8 +100,16 @@ async fn spawn_node(dir: &Path, config: &NodeConfig) -> Result<Child, Failure> {
     Ok(child)
 }
 
-async fn wait_listening(addr: &str, deadline: Instant) -> Result<(), Failure> {
+async fn wait_listening(node: &mut DevNode, addr: &str, deadline: Instant) -> Result<(), Failure> {
     loop {
+        // A node that exited (its port taken, its data dir locked by another process) must not
+        // be mistaken for whatever else answers on its port.
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(Failure(format!(
+                "node {} exited at start ({status}); see its node.log",
+                node.id
+            )));
+        }
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
@@ -173,6 +181,15 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
     let configs: Vec<NodeConfig> = (1..=u64::from(args.nodes))
         .map(|i| node_config(&dir, i, args.port, args.nodes))
         .collect();
+    for config in &configs {
+        for addr in [&config.client_addr, &config.peer_addr] {
+            std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
+                Failure(format!(
+                    "{addr} is not free ({e}); is another cluster running? choose another --port"
+                ))
+            })?;
+        }
+    }
     let mut nodes = Vec::new();
     for config in &configs {
         match spawn_node(&dir, config).await {
@@ -186,7 +203,7 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
             }
         }
     }
-    let result = bring_up(&dir, &configs).await;
+    let result = bring_up(&dir, &configs, &mut nodes).await;
     let token = match result {
         Ok(token) => token,
         Err(e) => {
@@ -211,10 +228,15 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
 }
 
 /// Waits for the nodes to listen, then initialises the cluster if this DIR never was.
-async fn bring_up(dir: &Path, configs: &[NodeConfig]) -> Result<String, Failure> {
+async fn bring_up(
+    dir: &Path,
+    configs: &[NodeConfig],
+    nodes: &mut [DevNode],
+) -> Result<String, Failure> {
     let deadline = Instant::now() + Duration::from_millis(DEV_START_TIMEOUT_MS);
-    for config in configs {
-        wait_listening(&config.client_addr, deadline).await?;
+    for (config, node) in configs.iter().zip(nodes.iter_mut()) {
+        wait_listening(node, &config.client_addr, deadline).await?;
+        wait_listening(node, &config.peer_addr, deadline).await?;
     }
     if let Some(token) = read_env_token(&dir.join("env"))? {
         return Ok(token);
