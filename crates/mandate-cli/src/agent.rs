@@ -233,6 +233,35 @@ async fn resolve(client: &mandate_client::Client, id_or_name: &str) -> Result<St
         .ok_or_else(|| Failure("the server returned no agent".into()))
 }
 
+#[derive(Clone, Copy)]
+enum Transition {
+    Suspend,
+    Resume,
+    Retire,
+}
+
+async fn set_status(
+    client: &mandate_client::Client,
+    id_or_name: &str,
+    transition: Transition,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let id = resolve(client, id_or_name).await?;
+    let r = client
+        .registry(|mut c| {
+            let request = pb::AgentIdRequest { id: id.clone() };
+            async move {
+                match transition {
+                    Transition::Suspend => c.suspend(request).await,
+                    Transition::Resume => c.resume(request).await,
+                    Transition::Retire => c.retire(request).await,
+                }
+            }
+        })
+        .await?;
+    show(r, as_json)
+}
+
 fn show(response: pb::AgentResponse, as_json: bool) -> Result<(), Failure> {
     let agent = response
         .agent
@@ -373,36 +402,9 @@ pub async fn run(cmd: AgentCommand) -> Result<(), Failure> {
                 .await?;
             show(r, json_out)
         }
-        AgentSub::Suspend { id } => {
-            let id = resolve(&client, &id).await?;
-            let r = client
-                .registry(|mut c| {
-                    let id = id.clone();
-                    async move { c.suspend(pb::AgentIdRequest { id }).await }
-                })
-                .await?;
-            show(r, json_out)
-        }
-        AgentSub::Resume { id } => {
-            let id = resolve(&client, &id).await?;
-            let r = client
-                .registry(|mut c| {
-                    let id = id.clone();
-                    async move { c.resume(pb::AgentIdRequest { id }).await }
-                })
-                .await?;
-            show(r, json_out)
-        }
-        AgentSub::Retire { id } => {
-            let id = resolve(&client, &id).await?;
-            let r = client
-                .registry(|mut c| {
-                    let id = id.clone();
-                    async move { c.retire(pb::AgentIdRequest { id }).await }
-                })
-                .await?;
-            show(r, json_out)
-        }
+        AgentSub::Suspend { id } => set_status(&client, &id, Transition::Suspend, json_out).await,
+        AgentSub::Resume { id } => set_status(&client, &id, Transition::Resume, json_out).await,
+        AgentSub::Retire { id } => set_status(&client, &id, Transition::Retire, json_out).await,
         AgentSub::AddKey { id, public_key } => {
             let id = resolve(&client, &id).await?;
             let request = pb::AddAgentKeyRequest {
