@@ -6,10 +6,12 @@ fn main() -> std::io::Result<()> {
     std::env::set_var("PROTOC", protoc);
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files: Vec<_> = ["state", "commands", "events", "registry", "cluster", "raft"]
-        .iter()
-        .map(|name| root.join(format!("mandate/v1/{name}.proto")))
-        .collect();
+    let files: Vec<_> = [
+        "state", "commands", "events", "registry", "cluster", "raft", "authz",
+    ]
+    .iter()
+    .map(|name| root.join(format!("mandate/v1/{name}.proto")))
+    .collect();
     // The schemas live outside this package, so cargo would not notice them change.
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

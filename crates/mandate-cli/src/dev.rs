@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use mandate_client::{pb, Client};
 use mandate_server::config::{PeerConfig, RaftConfig};
 use mandate_server::NodeConfig;
@@ -17,7 +17,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::Failure;
+use crate::{authz_cli, identity, Failure};
+use mandate_server::sealing::Kek;
 
 /// Most nodes `dev` starts (peer ports sit 100 above client ports).
 pub const DEV_NODES_MAX: u16 = 99;
@@ -27,7 +28,10 @@ pub const DEV_START_TIMEOUT_MS: u64 = 30_000;
 pub const DEV_STOP_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
+    #[command(subcommand)]
+    command: Option<DevSub>,
     /// Number of nodes.
     #[arg(long, default_value_t = 1)]
     nodes: u16,
@@ -39,12 +43,29 @@ pub struct DevArgs {
     port: u16,
 }
 
+#[derive(Subcommand, Debug)]
+enum DevSub {
+    /// Print a user token (JWT) for USER from the local cluster's development issuer.
+    UserToken {
+        user: String,
+        #[arg(long, default_value = ".mandate-dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// File names inside DIR: the key-encryption key and the development issuer's key.
+const KEK_FILE: &str = "kek";
+const DEV_ISSUER_KEY_FILE: &str = "dev-issuer.pem";
+
 struct DevNode {
     id: u64,
     child: Child,
 }
 
 fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
+    let kek_file = Some(dir.join(KEK_FILE));
     let client = |i: u64| format!("127.0.0.1:{}", u64::from(base) + i - 1);
     let peer = |i: u64| format!("127.0.0.1:{}", u64::from(base) + 100 + i - 1);
     NodeConfig {
@@ -61,8 +82,44 @@ fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
             .collect(),
         join: None,
         join_token: None,
+        kek_file,
         raft: RaftConfig::default(),
     }
+}
+
+/// Creates DIR/kek and DIR/dev-issuer.pem the first time; returns the issuer key.
+fn ensure_secrets(dir: &Path) -> Result<ed25519_dalek::SigningKey, Failure> {
+    let kek = dir.join(KEK_FILE);
+    if !kek.exists() {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&kek)?;
+        std::io::Write::write_all(&mut file, Kek::generate_hex().as_bytes())?;
+        file.sync_all()?;
+    }
+    let issuer = dir.join(DEV_ISSUER_KEY_FILE);
+    if issuer.exists() {
+        identity::read_signing_key(&issuer)
+    } else {
+        identity::write_new_signing_key(&issuer)
+    }
+}
+
+fn user_token(user: &str, dir: &Path, ttl: &str) -> Result<(), Failure> {
+    mandate_core::UserId::parse("USER", user).map_err(|e| Failure(e.to_string()))?;
+    let key = identity::read_signing_key(&dir.join(DEV_ISSUER_KEY_FILE)).map_err(|e| {
+        Failure(format!(
+            "{} (has `mandate dev` run with --data-dir {}?)",
+            e.0,
+            dir.display()
+        ))
+    })?;
+    println!(
+        "{}",
+        identity::dev_user_token(&key, user, identity::parse_duration(ttl)?)?
+    );
+    Ok(())
 }
 
 async fn spawn_node(dir: &Path, config: &NodeConfig) -> Result<Child, Failure> {
@@ -165,6 +222,14 @@ async fn shutdown_signal() -> Result<(), Failure> {
 }
 
 pub async fn run(args: DevArgs) -> Result<(), Failure> {
+    if let Some(DevSub::UserToken {
+        user,
+        data_dir,
+        ttl,
+    }) = &args.command
+    {
+        return user_token(user, data_dir, ttl);
+    }
     if args.nodes == 0 || args.nodes > DEV_NODES_MAX {
         return Err(Failure(format!(
             "--nodes must be between 1 and {DEV_NODES_MAX}"
@@ -178,6 +243,7 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
     }
     std::fs::create_dir_all(&args.data_dir)?;
     let dir = std::fs::canonicalize(&args.data_dir)?;
+    let issuer_key = ensure_secrets(&dir)?;
     let configs: Vec<NodeConfig> = (1..=u64::from(args.nodes))
         .map(|i| node_config(&dir, i, args.port, args.nodes))
         .collect();
@@ -203,7 +269,7 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
             }
         }
     }
-    let result = bring_up(&dir, &configs, &mut nodes).await;
+    let result = bring_up(&dir, &configs, &mut nodes, &issuer_key).await;
     let token = match result {
         Ok(token) => token,
         Err(e) => {
@@ -232,6 +298,7 @@ async fn bring_up(
     dir: &Path,
     configs: &[NodeConfig],
     nodes: &mut [DevNode],
+    issuer_key: &ed25519_dalek::SigningKey,
 ) -> Result<String, Failure> {
     let deadline = Instant::now() + Duration::from_millis(DEV_START_TIMEOUT_MS);
     for (config, node) in configs.iter().zip(nodes.iter_mut()) {
@@ -256,5 +323,10 @@ async fn bring_up(
             async move { c.init(pb::InitRequest { members }).await }
         })
         .await?;
+    let operator = Client::new(
+        &[configs[0].client_addr.clone()],
+        Some(&response.root_token),
+    )?;
+    authz_cli::put_issuer(&operator, authz_cli::dev_issuer(issuer_key)).await?;
     Ok(response.root_token)
 }

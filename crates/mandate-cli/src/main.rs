@@ -1,9 +1,12 @@
 //! `mandate`: run a node (`server`), a local cluster (`dev`), and every admin command.
 
 mod agent;
+mod authz_cli;
 mod bench;
 mod cluster;
+mod demo;
 mod dev;
+mod identity;
 mod output;
 mod server;
 
@@ -34,6 +37,24 @@ enum Command {
     Token(cluster::TokenCommand),
     /// Measure throughput against a running cluster.
     Bench(bench::BenchCommand),
+    /// Write, read and validate Cedar policy documents.
+    Policy(authz_cli::PolicyCommand),
+    /// Create, list, revoke and re-delegate delegations.
+    Delegate(authz_cli::DelegateCommand),
+    /// As an agent, ask to do one thing now; on allow, receive a grant token.
+    Authorize(authz_cli::AuthorizeArgs),
+    /// As a user, list, approve and deny pending authorizations.
+    Approval(authz_cli::ApprovalCommand),
+    /// Consume, complete, revoke and introspect grants.
+    Grant(authz_cli::GrantCommand),
+    /// The secret store.
+    Secret(authz_cli::SecretCommand),
+    /// The cluster's token-signing keys.
+    Keys(authz_cli::KeysCommand),
+    /// Trusted issuers of user tokens.
+    Issuer(authz_cli::IssuerCommand),
+    /// Run the product story against the cluster in MANDATE_ADDR.
+    Demo(demo::DemoArgs),
 }
 
 /// How to reach the cluster; shared by every client command.
@@ -100,6 +121,15 @@ fn main() -> ExitCode {
             Command::Cluster(c) => cluster::run(c).await,
             Command::Token(c) => cluster::run_token(c).await,
             Command::Bench(c) => bench::run(c).await,
+            Command::Policy(c) => authz_cli::policy(c).await,
+            Command::Delegate(c) => authz_cli::delegate(c).await,
+            Command::Authorize(c) => authz_cli::authorize(c).await,
+            Command::Approval(c) => authz_cli::approval(c).await,
+            Command::Grant(c) => authz_cli::grant(c).await,
+            Command::Secret(c) => authz_cli::secret(c).await,
+            Command::Keys(c) => authz_cli::keys(c).await,
+            Command::Issuer(c) => authz_cli::issuer(c).await,
+            Command::Demo(c) => demo::run(c).await,
         }
     });
     match result {

@@ -38,6 +38,9 @@ pub struct ServerArgs {
     /// Log entries kept after a snapshot for lagging followers.
     #[arg(long, env = "MANDATE_LOGS_KEPT_AFTER_SNAPSHOT")]
     logs_kept_after_snapshot: Option<u64>,
+    /// File holding the key-encryption key (64 hex digits); or give MANDATE_KEK itself.
+    #[arg(long, env = "MANDATE_KEK_FILE")]
+    kek_file: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(
         long,
@@ -82,6 +85,7 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
                 peers: vec![],
                 join: None,
                 join_token: None,
+                kek_file: None,
                 raft: RaftConfig::default(),
             }
         }
@@ -107,6 +111,9 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
     }
     if args.join.is_some() {
         config.join = args.join;
+    }
+    if args.kek_file.is_some() {
+        config.kek_file = args.kek_file;
     }
     if let Some(v) = args.snapshot_logs_since_last {
         config.raft.snapshot_logs_since_last = v;

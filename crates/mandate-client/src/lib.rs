@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mandate_proto::v1::agent_registry_client::AgentRegistryClient;
+use mandate_proto::v1::authz_client::AuthzClient;
 use mandate_proto::v1::cluster_client::ClusterClient;
 use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -89,6 +90,7 @@ impl Interceptor for BearerAuth {
 
 pub type Registry = AgentRegistryClient<InterceptedService<Channel, BearerAuth>>;
 pub type Cluster = ClusterClient<InterceptedService<Channel, BearerAuth>>;
+pub type Authz = AuthzClient<InterceptedService<Channel, BearerAuth>>;
 
 /// A client of one Mandate cluster.
 pub struct Client {
@@ -213,6 +215,23 @@ impl Client {
         self.with_failover(
             |c| {
                 ClusterClient::with_interceptor(c, auth.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls the authorization service on a live node.
+    pub async fn authz<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Authz) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let auth = self.auth.clone();
+        self.with_failover(
+            |c| {
+                AuthzClient::with_interceptor(c, auth.clone())
                     .max_decoding_message_size(64 * 1024 * 1024)
             },
             call,

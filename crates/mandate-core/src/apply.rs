@@ -7,9 +7,11 @@
 //! The state is a pure function of the event sequence: [`replay_event`] rebuilds it from stored
 //! event records alone.
 
+use crate::authz::{self, Actor};
 use crate::error::{DomainError, StorageFault};
 use crate::pb::command::Kind as CommandKind;
 use crate::pb::event::Kind as EventKind;
+use crate::policy::Engine;
 use crate::principal::AgentId;
 use crate::state::{Overlay, StateExt, StateRead};
 use crate::{keys, limits, pb, validate};
@@ -20,6 +22,7 @@ type Decision = Result<Vec<EventKind>, DomainError>;
 /// per command. Errors are storage faults only: domain refusals are results.
 pub fn apply_batch<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
+    engine: &mut Engine,
     batch: &pb::CommandBatch,
     log_index: u64,
 ) -> Result<Vec<pb::CommandResult>, StorageFault> {
@@ -27,7 +30,7 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     let mut results = Vec::with_capacity(batch.commands.len());
     for command in &batch.commands {
         let time_ms = command.time_ms.max(state.clock_ms()?);
-        let outcome = match decide(state, command, time_ms)? {
+        let outcome = match decide(state, engine, command, time_ms)? {
             Err(error) => pb::command_result::Outcome::Error((&error).into()),
             Ok(kinds) => {
                 let mut events = Vec::with_capacity(kinds.len());
@@ -45,11 +48,7 @@ pub fn apply_batch<S: StateRead + ?Sized>(
                     sequence += 1;
                     events.push(event);
                 }
-                let agent = match target_agent(command) {
-                    Some(id) => state.agent(id)?,
-                    None => None,
-                };
-                pb::command_result::Outcome::Applied(pb::CommandApplied { events, agent })
+                pb::command_result::Outcome::Applied(summarize(state, command, events)?)
             }
         };
         results.push(pb::CommandResult {
@@ -84,6 +83,51 @@ pub fn replay_event<S: StateRead + ?Sized>(
     Ok(())
 }
 
+/// What the caller of a command gets back: its events and the records it touched.
+fn summarize(
+    state: &(impl StateRead + ?Sized),
+    command: &pb::Command,
+    events: Vec<pb::Event>,
+) -> Result<pb::CommandApplied, StorageFault> {
+    let mut applied = pb::CommandApplied {
+        agent: match target_agent(command) {
+            Some(id) => state.agent(id)?,
+            None => None,
+        },
+        ..Default::default()
+    };
+    match command.kind.as_ref() {
+        Some(CommandKind::CreateDelegation(c)) => {
+            applied.delegation = authz::delegation_record(state, &c.delegation_id)?;
+        }
+        Some(CommandKind::ConsumeGrant(c)) => {
+            applied.grant = authz::grant_record(state, &c.grant_id)?
+        }
+        Some(CommandKind::EndGrant(c)) => applied.grant = authz::grant_record(state, &c.grant_id)?,
+        Some(CommandKind::DecideApproval(c)) => {
+            applied.approval = authz::approval_record(state, &c.approval_id)?;
+            if let Some(a) = &applied.approval {
+                applied.grant = authz::grant_record(state, &a.grant_id)?;
+            }
+        }
+        _ => {}
+    }
+    for event in &events {
+        match event.kind.as_ref() {
+            Some(EventKind::AuthorizationDecided(d)) => {
+                applied.grant.clone_from(&d.grant);
+                applied.approval.clone_from(&d.approval);
+                applied.decision = Some(d.clone());
+            }
+            Some(EventKind::PolicyPut(p)) => applied.policy.clone_from(&p.document),
+            Some(EventKind::SecretWritten(w)) => applied.secret_version = w.version,
+            _ => {}
+        }
+    }
+    applied.events = events;
+    Ok(applied)
+}
+
 fn target_agent(command: &pb::Command) -> Option<&str> {
     match command.kind.as_ref()? {
         CommandKind::RegisterAgent(c) => Some(&c.agent_id),
@@ -98,6 +142,7 @@ fn target_agent(command: &pb::Command) -> Option<&str> {
 /// Decides what a command does, reading but never writing the state.
 pub fn decide(
     state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
     command: &pb::Command,
     time_ms: u64,
 ) -> Result<Decision, StorageFault> {
@@ -107,12 +152,52 @@ pub fn decide(
     if let CommandKind::BootstrapCluster(c) = kind {
         return bootstrap(state, c, time_ms);
     }
-    let actor = match authenticate(state, &command.operator_token_id)? {
-        Ok(actor) => actor,
+    let principal = if command.operator_token_id.is_empty() {
+        authz::actor(state, command)?
+    } else {
+        authenticate(state, &command.operator_token_id)?.map(Actor::Operator)
+    };
+    let principal = match principal {
+        Ok(p) => p,
         Err(e) => return Ok(Err(e)),
     };
     match kind {
-        CommandKind::BootstrapCluster(_) => unreachable!("handled above"),
+        CommandKind::PutIssuer(c) => return Ok(authz::put_issuer(&principal, c)),
+        CommandKind::DeleteIssuer(c) => return authz::delete_issuer(state, &principal, c),
+        CommandKind::PutPolicy(c) => return authz::put_policy(state, &principal, c, time_ms),
+        CommandKind::DeletePolicy(c) => return authz::delete_policy(state, &principal, c),
+        CommandKind::AddSigningKey(c) => {
+            return authz::add_signing_key(state, &principal, c, time_ms)
+        }
+        CommandKind::CreateDelegation(c) => {
+            return authz::create_delegation(state, engine, &principal, c, time_ms)
+        }
+        CommandKind::RevokeDelegation(c) => {
+            return authz::revoke_delegation(state, &principal, c, time_ms)
+        }
+        CommandKind::Authorize(c) => {
+            let Actor::Agent(agent) = &principal else {
+                return Ok(Err(DomainError::unauthenticated(
+                    "authorization needs an agent assertion",
+                )));
+            };
+            return authz::authorize(state, engine, agent, c, time_ms);
+        }
+        CommandKind::DecideApproval(c) => {
+            return authz::decide_approval(state, engine, &principal, c, time_ms)
+        }
+        CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
+        CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
+        CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
+        CommandKind::PutSecret(c) => return authz::put_secret(state, &principal, c, time_ms),
+        _ => {}
+    }
+    let Actor::Operator(actor) = principal else {
+        return Ok(Err(DomainError::unauthenticated(
+            "an operator token is required",
+        )));
+    };
+    match kind {
         CommandKind::CreateOperatorToken(c) => create_token(state, &actor, c, time_ms),
         CommandKind::RevokeOperatorToken(c) => revoke_token(state, &actor, c, time_ms),
         CommandKind::RegisterAgent(c) => register_agent(state, c, time_ms),
@@ -120,6 +205,7 @@ pub fn decide(
         CommandKind::SetAgentStatus(c) => set_agent_status(state, c, time_ms),
         CommandKind::AddAgentKey(c) => add_agent_key(state, c, time_ms),
         CommandKind::RemoveAgentKey(c) => remove_agent_key(state, c, time_ms),
+        _ => unreachable!("every other command was dispatched above"),
     }
 }
 
@@ -174,12 +260,23 @@ fn bootstrap(
         created_by: String::new(),
         revoked_ms: 0,
     };
-    Ok(Ok(vec![EventKind::ClusterBootstrapped(
-        pb::ClusterBootstrapped {
-            cluster: Some(cluster),
-            root_token: Some(root_token),
-        },
-    )]))
+    let mut events = vec![EventKind::ClusterBootstrapped(pb::ClusterBootstrapped {
+        cluster: Some(cluster),
+        root_token: Some(root_token),
+    })];
+    if let Some(key) = &c.signing_key {
+        if let Err(e) = validate::signing_key(key) {
+            return Ok(Err(e));
+        }
+        events.push(EventKind::SigningKeyAdded(pb::SigningKeyAdded {
+            key: Some(pb::SigningKey {
+                created_ms: time_ms,
+                active: true,
+                ..key.clone()
+            }),
+        }));
+    }
+    Ok(Ok(events))
 }
 
 fn require_root(actor: &pb::OperatorToken) -> Result<(), DomainError> {
@@ -495,6 +592,11 @@ pub fn materialize<S: StateRead + ?Sized>(
         EventKind::AgentKeyRemoved(e) => update_record(state, &e.agent_id, time_ms, |a| {
             a.keys.retain(|k| k.kid != e.kid)
         })?,
+        other => {
+            if !authz::materialize(state, other)? {
+                return Err(StorageFault("an event kind has no materializer".into()));
+            }
+        }
     }
     Ok(())
 }

@@ -8,9 +8,12 @@
 //! therefore always rebuilds exactly the same state (invariant 7).
 
 pub mod apply;
+pub mod authz;
+pub mod delegation;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod policy;
 pub mod principal;
 pub mod state;
 pub mod token;

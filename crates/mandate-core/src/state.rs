@@ -9,9 +9,14 @@ use prost::Message;
 use crate::error::StorageFault;
 use crate::{keys, pb};
 
+/// One key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Read access to the materialized state.
 pub trait StateRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault>;
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault>;
 }
 
 /// Pending writes (`None` = delete) layered over a base state.
@@ -49,11 +54,34 @@ impl<S: StateRead + ?Sized> StateRead for Overlay<'_, S> {
             None => self.base.get(key),
         }
     }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan_prefix(prefix)?.into_iter().collect();
+        for (key, value) in self.writes.range(prefix.to_vec()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            match value {
+                Some(v) => merged.insert(key.clone(), v.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
 }
 
 impl StateRead for BTreeMap<Vec<u8>, Vec<u8>> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
         Ok(BTreeMap::get(self, key).cloned())
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
+        Ok(self
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }
 

@@ -239,6 +239,83 @@ pub fn token_name(name: &str) -> Result<(), DomainError> {
     check_printable("name", name)
 }
 
+/// A trusted user-token issuer: a name, `iss`, `aud`, a JWKS with at least one key, a leeway.
+pub fn issuer(i: &pb::TrustedIssuer) -> Result<(), DomainError> {
+    crate::policy::document_name(&i.name)
+        .map_err(|e| DomainError::invalid("issuer.name", e.message))?;
+    for (field, value) in [
+        ("issuer.issuer", &i.issuer),
+        ("issuer.audience", &i.audience),
+    ] {
+        if value.is_empty() {
+            return Err(DomainError::invalid(field, "must not be empty"));
+        }
+        text(field, value, 256)?;
+    }
+    if i.leeway_s > ISSUER_LEEWAY_S_MAX {
+        return Err(DomainError::invalid(
+            "issuer.leeway_s",
+            format!("is at most {ISSUER_LEEWAY_S_MAX}"),
+        ));
+    }
+    check_len("issuer.jwks_json", &i.jwks_json, 64 * 1024)?;
+    let jwks: serde_json::Value = serde_json::from_str(&i.jwks_json)
+        .map_err(|e| DomainError::invalid("issuer.jwks_json", format!("is not JSON: {e}")))?;
+    let keys = jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            DomainError::invalid("issuer.jwks_json", "needs a non-empty \"keys\" array")
+        })?;
+    for (n, key) in keys.iter().enumerate() {
+        let kty = key.get("kty").and_then(|v| v.as_str()).unwrap_or_default();
+        if !matches!(kty, "RSA" | "EC" | "OKP") {
+            return Err(DomainError::invalid(
+                &format!("issuer.jwks_json.keys[{n}].kty"),
+                format!("is {kty:?}; RSA (RS256), EC (ES256) and OKP (EdDSA) keys are accepted"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Most clock-skew leeway an issuer may be given, in seconds.
+pub const ISSUER_LEEWAY_S_MAX: u64 = 300;
+
+/// A cluster signing key: a valid Ed25519 public key and a sealed private half.
+pub fn signing_key(key: &pb::SigningKey) -> Result<(), DomainError> {
+    let jwk = pb::Jwk {
+        kid: key.kid.clone(),
+        kty: "OKP".into(),
+        crv: "Ed25519".into(),
+        x: key.x.clone(),
+    };
+    self::jwk("key", &jwk)?;
+    if key.kid.is_empty() {
+        return Err(DomainError::invalid("key.kid", "must not be empty"));
+    }
+    if key.sealed_private.is_empty() {
+        return Err(DomainError::invalid(
+            "key.sealed_private",
+            "must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+/// A secret path: a resource path under `secret/`.
+pub fn secret_path(path: &str) -> Result<(), DomainError> {
+    crate::delegation::resource("path", path)?;
+    if !path.starts_with("secret/") {
+        return Err(DomainError::invalid(
+            "path",
+            format!("{path:?} must start with \"secret/\""),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use base64::Engine;
 use mandate_core::apply::{apply_batch, replay_event};
 use mandate_core::keys;
 use mandate_core::pb::{self, command::Kind};
+use mandate_core::policy::Engine as PolicyEngine;
 use mandate_core::state::{decode, Overlay};
 use proptest::prelude::*;
 
@@ -139,6 +140,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
         time_ms,
         operator_token_id: actor.to_owned(),
         kind: Some(kind),
+        ..Default::default()
     }
 }
 
@@ -147,12 +149,13 @@ fn bootstrap() -> pb::CommandBatch {
         commands: vec![pb::Command {
             request_id: "req-boot".into(),
             time_ms: 1_000,
-            operator_token_id: String::new(),
             kind: Some(Kind::BootstrapCluster(pb::BootstrapCluster {
                 cluster_id: "c1".into(),
                 root_token_id: ROOT.into(),
                 root_secret_sha256: vec![0; 32],
+                signing_key: None,
             })),
+            ..Default::default()
         }],
     }
 }
@@ -181,7 +184,8 @@ fn log_of(ops: &[(Op, u8, u64)], batch_len: usize) -> Vec<pb::CommandBatch> {
 
 fn apply_entry(state: &mut State, batch: &pb::CommandBatch, index: u64) -> Vec<pb::CommandResult> {
     let mut overlay = Overlay::new(&*state);
-    let results = apply_batch(&mut overlay, batch, index).expect("no storage fault in memory");
+    let results = apply_batch(&mut overlay, &mut PolicyEngine::default(), batch, index)
+        .expect("no storage fault in memory");
     let writes = overlay.into_writes();
     for (k, v) in writes {
         match v {

@@ -23,10 +23,24 @@ pub fn stamp(command: &mut pb::Command, time_ms: u64, rng: &mut impl RngCore) {
         rng.fill_bytes(&mut id);
         command.request_id = format!("req_{}", hex(&id));
     }
-    if let Some(Kind::RegisterAgent(register)) = command.kind.as_mut() {
-        let mut id = [0u8; 16];
-        rng.fill_bytes(&mut id);
-        register.agent_id = AgentId::from_random(id).as_str().to_owned();
+    let mut id = |prefix: &str| {
+        let mut bytes = [0u8; 16];
+        rng.fill_bytes(&mut bytes);
+        format!("{prefix}{}", hex(&bytes))
+    };
+    match command.kind.as_mut() {
+        Some(Kind::RegisterAgent(register)) => {
+            let mut bytes = [0u8; 16];
+            rng.fill_bytes(&mut bytes);
+            register.agent_id = AgentId::from_random(bytes).as_str().to_owned();
+        }
+        Some(Kind::CreateDelegation(c)) => c.delegation_id = id("dlg_"),
+        Some(Kind::Authorize(c)) => {
+            c.grant_id = id("grt_");
+            c.approval_id = id("apv_");
+        }
+        Some(Kind::DecideApproval(c)) => c.grant_id = id("grt_"),
+        _ => {}
     }
 }
 

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::NodeConfig;
 use crate::server::submit;
+use crate::tokens::Signer;
 use crate::{auth, status};
 
 /// How long `cluster status` waits for each member to answer.
@@ -38,11 +39,16 @@ pub const SNAPSHOT_BUILD_TIMEOUT_MS: u64 = 60_000;
 pub struct ClusterService {
     node: Arc<Node>,
     config: NodeConfig,
+    signer: Arc<Signer>,
 }
 
 impl ClusterService {
-    pub fn new(node: Arc<Node>, config: NodeConfig) -> Self {
-        ClusterService { node, config }
+    pub fn new(node: Arc<Node>, config: NodeConfig, signer: Arc<Signer>) -> Self {
+        ClusterService {
+            node,
+            config,
+            signer,
+        }
     }
 
     fn local_status(&self) -> NodeStatusResponse {
@@ -111,14 +117,13 @@ impl ClusterService {
         let root = OperatorSecret::from_random(random_bytes(), random_bytes());
         let cluster_id = format!("mc_{}", hex::encode(random_bytes::<8>()));
         let command = pb::Command {
-            request_id: String::new(),
-            time_ms: 0,
-            operator_token_id: String::new(),
             kind: Some(Kind::BootstrapCluster(pb::BootstrapCluster {
                 cluster_id: cluster_id.clone(),
                 root_token_id: root.id.clone(),
                 root_secret_sha256: root.secret_sha256(),
+                signing_key: self.signer.kek().map(crate::tokens::new_signing_key),
             })),
+            ..Default::default()
         };
         let result = self
             .node

@@ -71,6 +71,10 @@ pub struct NodeConfig {
     /// The operator token used for `join` (better given as `MANDATE_JOIN_TOKEN`).
     #[serde(default)]
     pub join_token: Option<String>,
+    /// File holding the key-encryption key (64 hex digits); `MANDATE_KEK` may give it instead.
+    /// Without one the node cannot sign grants or seal secrets.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
     #[serde(default)]
     pub raft: RaftConfig,
 }
@@ -180,6 +184,7 @@ mod tests {
             peers: vec![],
             join: None,
             join_token: None,
+            kek_file: None,
             raft: RaftConfig::default(),
         }
     }

@@ -6,11 +6,14 @@
 //! proposed, and validated so that bad input is refused before it reaches the log.
 
 pub mod auth;
+pub mod authz_service;
 pub mod cluster_service;
 pub mod config;
 pub mod registry_service;
+pub mod sealing;
 pub mod server;
 pub mod status;
+pub mod tokens;
 
 pub use config::NodeConfig;
 pub use server::{run, ServerError};

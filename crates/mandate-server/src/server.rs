@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mandate_core::pb;
 use mandate_proto::v1::agent_registry_server::AgentRegistryServer;
+use mandate_proto::v1::authz_server::AuthzServer;
 use mandate_proto::v1::cluster_client::ClusterClient;
 use mandate_proto::v1::cluster_server::ClusterServer;
 use mandate_proto::v1::raft_peer_server::RaftPeerServer;
@@ -17,10 +18,26 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::Status;
 
+use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::registry_service::RegistryService;
+use crate::sealing::Kek;
+use crate::tokens::Signer;
 use crate::{status, CLIENT_MESSAGE_BYTES_MAX};
+
+/// How often the leader looks for grants, approvals and replay-cache entries to expire.
+pub const HOUSEKEEPING_INTERVAL_MS: u64 = 2_000;
+
+fn load_kek(config: &NodeConfig) -> Result<Option<Kek>, ServerError> {
+    let kek = match (&config.kek_file, std::env::var("MANDATE_KEK")) {
+        (Some(path), _) => Some(Kek::from_file(path)),
+        (None, Ok(hex)) => Some(Kek::from_hex(&hex)),
+        (None, Err(_)) => None,
+    };
+    kek.transpose()
+        .map_err(|e| ServerError::Start(e.to_string()))
+}
 
 /// How long a joining node keeps asking to be added as a learner.
 pub const JOIN_ATTEMPTS_MAX: u32 = 60;
@@ -43,18 +60,39 @@ pub enum ServerError {
     },
 }
 
+/// Who a command is proposed for, as authenticated by the serving node.
+pub(crate) enum Principal {
+    Operator(String),
+    User(String),
+    Agent(String),
+    Bearer,
+}
+
 /// Proposes one command as the given operator and returns what apply made of it.
 pub(crate) async fn submit(
     node: &Node,
     token: &pb::OperatorToken,
     kind: pb::command::Kind,
 ) -> Result<(pb::CommandApplied, u64), Status> {
-    let command = pb::Command {
-        request_id: String::new(),
-        time_ms: 0,
-        operator_token_id: token.id.clone(),
+    submit_as(node, Principal::Operator(token.id.clone()), kind).await
+}
+
+/// Proposes one command for `principal` and returns what apply made of it.
+pub(crate) async fn submit_as(
+    node: &Node,
+    principal: Principal,
+    kind: pb::command::Kind,
+) -> Result<(pb::CommandApplied, u64), Status> {
+    let mut command = pb::Command {
         kind: Some(kind),
+        ..Default::default()
     };
+    match principal {
+        Principal::Operator(id) => command.operator_token_id = id,
+        Principal::User(id) => command.user = id,
+        Principal::Agent(id) => command.agent = id,
+        Principal::Bearer => {}
+    }
     let result = node
         .write(command)
         .await
@@ -89,6 +127,11 @@ pub async fn run(
     let node = Node::start(config.node_id, member, &config.data_dir, &timing)
         .await
         .map_err(ServerError::Start)?;
+    let kek = load_kek(&config)?;
+    if kek.is_none() {
+        tracing::warn!("no key-encryption key (kek_file or MANDATE_KEK): this node cannot sign grants or seal secrets");
+    }
+    let signer = Arc::new(Signer::new(kek));
     let client_listener = bind(&config.client_addr).await?;
     let peer_listener = bind(&config.peer_addr).await?;
     tracing::info!(
@@ -114,7 +157,15 @@ pub async fn run(
                 .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            ClusterServer::new(ClusterService::new(node.clone(), config.clone()))
+            ClusterServer::new(ClusterService::new(
+                node.clone(),
+                config.clone(),
+                signer.clone(),
+            ))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            AuthzServer::new(AuthzService::new(node.clone(), signer.clone()))
                 .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         );
     let peer_task = tokio::spawn(peer.serve_with_incoming_shutdown(
@@ -125,6 +176,10 @@ pub async fn run(
         tokio_stream::wrappers::TcpListenerStream::new(client_listener),
         stopped(stop_rx.clone()),
     ));
+    let housekeeping = tokio::spawn(authz_service::housekeeping(
+        node.clone(),
+        Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
+    ));
     if let Some(join) = config.join.clone() {
         tokio::spawn(join_cluster(node.clone(), config.clone(), join));
     }
@@ -132,6 +187,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("mandate node stopping");
     let _ = stop_tx.send(true);
+    housekeeping.abort();
     let served = [("client", client_task.await), ("peer", peer_task.await)];
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");

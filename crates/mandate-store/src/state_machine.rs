@@ -7,7 +7,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use mandate_core::state::{Overlay, StateRead};
+use mandate_core::state::{KeyValue, Overlay, StateRead};
 use mandate_core::{keys, StorageFault};
 use mandate_proto::v1 as pb;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -30,9 +30,6 @@ const MEMBERSHIP: &[u8] = b"\x00membership";
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
 
-/// One key and its value.
-pub type KeyValue = (Vec<u8>, Vec<u8>);
-
 /// A read-only view of the materialized state; cheap to clone.
 #[derive(Clone)]
 pub struct StateView {
@@ -46,6 +43,10 @@ impl StateRead for StateView {
             .get(key)
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(|e| StorageFault(format!("reading the state tree: {e}")))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
+        self.scan(prefix, prefix).collect()
     }
 }
 
@@ -93,6 +94,7 @@ impl StateView {
 /// The state machine of one node.
 pub struct StateMachine {
     tree: sled::Tree,
+    engine: mandate_core::policy::Engine,
     syncer: Syncer,
     snapshots: SnapshotDir,
     applied_tx: watch::Sender<u64>,
@@ -141,6 +143,7 @@ impl StateMachine {
         };
         Ok(StateMachine {
             tree,
+            engine: mandate_core::policy::Engine::default(),
             syncer,
             snapshots,
             applied_tx,
@@ -199,6 +202,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(batch) => {
                     let results = mandate_core::apply::apply_batch(
                         &mut overlay,
+                        &mut self.engine,
                         &batch.0,
                         entry.log_id.index,
                     )
@@ -290,6 +294,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        self.engine = mandate_core::policy::Engine::default();
         Ok(())
     }
 

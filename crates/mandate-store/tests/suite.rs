@@ -38,7 +38,9 @@ fn bootstrap() -> pb::Command {
             cluster_id: "c".into(),
             root_token_id: "tok_root".into(),
             root_secret_sha256: vec![1; 32],
+            signing_key: None,
         })),
+        ..Default::default()
     }
 }
 
@@ -53,6 +55,7 @@ fn register(i: u64) -> pb::Command {
             owner: "alice".into(),
             ..Default::default()
         })),
+        ..Default::default()
     }
 }
 
