@@ -234,3 +234,82 @@ fn wait_for_env(dir: &Path) -> (Vec<String>, String) {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// An authorization world on a running cluster: a policy, an agent with a key, and a user
+/// token for alice from the dev issuer.
+pub struct World {
+    pub agent_id: String,
+    pub agent_key: ed25519_dalek::SigningKey,
+    pub alice: String,
+    pub cluster_id: String,
+}
+
+pub const WORLD_POLICY: &str = r#"
+@id("alice-team-a")
+permit(principal == User::"alice", action, resource in Resource::"secret/team-a");
+
+@id("agents")
+permit(principal is Agent, action, resource in Resource::"secret");
+"#;
+
+impl World {
+    /// Writes the policy, registers an agent and mints alice's token.
+    pub fn create(c: &DevCluster, name: &str) -> World {
+        let all = c.addrs.join(",");
+        let policy = c.dir.path().join(format!("{name}.cedar"));
+        std::fs::write(&policy, WORLD_POLICY).expect("write policy");
+        c.json(&all, &["policy", "put", "world", policy.to_str().expect("utf-8")]);
+        let key_file = c.dir.path().join(format!("{name}.pem"));
+        c.json(&all, &["agent", "keygen", "--out", key_file.to_str().expect("utf-8")]);
+        let agent = c.json(
+            &all,
+            &["agent", "register", "--name", name, "--owner", "alice", "--public-key", key_file.to_str().expect("utf-8")],
+        );
+        let pem = std::fs::read_to_string(&key_file).expect("key");
+        let agent_key = <ed25519_dalek::SigningKey as ed25519_dalek::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&pem).expect("pem");
+        let out = c.mandate(&["dev", "user-token", "alice", "--data-dir", c.dir.path().to_str().expect("utf-8")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let alice = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let cluster_id = c.json(&all, &["keys", "jwks"])["cluster_id"].as_str().expect("cluster id").to_owned();
+        World { agent_id: agent["id"].as_str().expect("id").to_owned(), agent_key, alice, cluster_id }
+    }
+
+    /// A fresh client assertion for the world's agent.
+    pub fn assertion(&self) -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+        let der = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_der(&self.agent_key).expect("der");
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        let x = base64_url(self.agent_key.verifying_key().as_bytes());
+        header.kid = Some(mandate_core::validate::jwk_thumbprint(&x));
+        let jti: [u8; 16] = rand::random();
+        jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({ "iss": self.agent_id, "sub": self.agent_id, "aud": self.cluster_id, "iat": now, "exp": now + 30, "jti": hex::encode(jti) }),
+            &jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()),
+        )
+        .expect("sign assertion")
+    }
+
+    /// Alice delegates `actions` on `resources` to the agent; returns the delegation id.
+    pub fn delegate(&self, c: &DevCluster, actions: &[&str], resources: &[&str], extra: &[&str]) -> String {
+        let mut args = vec!["delegate", "create", "--user-token", &self.alice, "--agent", &self.agent_id];
+        for a in actions {
+            args.extend(["--action", a]);
+        }
+        for r in resources {
+            args.extend(["--resource", r]);
+        }
+        args.extend(extra);
+        c.json(&c.addrs.join(","), &args)["id"].as_str().expect("delegation id").to_owned()
+    }
+}
+
+pub fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A client pinned to one node (no failover), for tests that must hit every node.
+pub fn client_at(addr: &str, token: &str) -> mandate_client::Client {
+    mandate_client::Client::new(&[addr.to_owned()], Some(token)).expect("client")
+}
