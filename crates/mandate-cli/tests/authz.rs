@@ -11,7 +11,13 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("runtime")
 }
 
-async fn authorize(client: &mandate_client::Client, world: &World, delegation: &str, action: &str, resource: &str) -> pb::AuthorizeResponse {
+async fn authorize(
+    client: &mandate_client::Client,
+    world: &World,
+    delegation: &str,
+    action: &str,
+    resource: &str,
+) -> pb::AuthorizeResponse {
     let request = pb::AuthorizeRequest {
         agent_assertion: world.assertion(),
         delegation_id: delegation.to_owned(),
@@ -33,9 +39,24 @@ fn the_demo_story_runs_against_a_three_node_cluster() {
     let c = DevCluster::start(3, 23000);
     let out = c.mandate(&["demo"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {}\n{stdout}", stderr(&out));
-    for step in ["==> 5.", "\"decision\":\"allow\"", "value: correct-horse-", "refused", "\"decision\":\"pending\"", "\"decision\":\"deny\"", "Demo complete"] {
-        assert!(stdout.contains(step), "demo output lacks {step:?}:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        stderr(&out)
+    );
+    for step in [
+        "==> 5.",
+        "\"decision\":\"allow\"",
+        "value: correct-horse-",
+        "refused",
+        "\"decision\":\"pending\"",
+        "\"decision\":\"deny\"",
+        "Demo complete",
+    ] {
+        assert!(
+            stdout.contains(step),
+            "demo output lacks {step:?}:\n{stdout}"
+        );
     }
 }
 
@@ -46,9 +67,24 @@ fn concurrent_consumes_of_a_single_use_grant_succeed_exactly_once_across_nodes()
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
     let rt = runtime();
     let _enter = rt.enter();
-    let clients: Vec<Arc<mandate_client::Client>> = c.addrs.iter().map(|a| Arc::new(client_at(a, &c.token))).collect();
-    let granted = rt.block_on(authorize(&clients[0], &world, &delegation, "read", "secret/team-a/db"));
-    assert_eq!(granted.decision, pb::Decision::Allow as i32, "{:?}", granted.reasons);
+    let clients: Vec<Arc<mandate_client::Client>> = c
+        .addrs
+        .iter()
+        .map(|a| Arc::new(client_at(a, &c.token)))
+        .collect();
+    let granted = rt.block_on(authorize(
+        &clients[0],
+        &world,
+        &delegation,
+        "read",
+        "secret/team-a/db",
+    ));
+    assert_eq!(
+        granted.decision,
+        pb::Decision::Allow as i32,
+        "{:?}",
+        granted.reasons
+    );
     let outcomes = rt.block_on(async {
         let mut tasks = Vec::new();
         for i in 0..30 {
@@ -70,7 +106,10 @@ fn concurrent_consumes_of_a_single_use_grant_succeed_exactly_once_across_nodes()
         out
     });
     let ok = outcomes.iter().filter(|o| o.is_ok()).count();
-    assert_eq!(ok, 1, "a single-use grant was consumed {ok} times: {outcomes:?}");
+    assert_eq!(
+        ok, 1,
+        "a single-use grant was consumed {ok} times: {outcomes:?}"
+    );
     for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
     }
@@ -83,8 +122,18 @@ fn after_a_revocation_commits_no_node_issues_a_grant_under_it() {
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
     let rt = runtime();
     let _enter = rt.enter();
-    let clients: Vec<Arc<mandate_client::Client>> = c.addrs.iter().map(|a| Arc::new(client_at(a, &c.token))).collect();
-    let live = rt.block_on(authorize(&clients[1], &world, &delegation, "read", "secret/team-a/x"));
+    let clients: Vec<Arc<mandate_client::Client>> = c
+        .addrs
+        .iter()
+        .map(|a| Arc::new(client_at(a, &c.token)))
+        .collect();
+    let live = rt.block_on(authorize(
+        &clients[1],
+        &world,
+        &delegation,
+        "read",
+        "secret/team-a/x",
+    ));
     assert_eq!(live.decision, pb::Decision::Allow as i32);
 
     // Authorizations race the revocation from every node; whatever commits after it is denied.
@@ -94,9 +143,15 @@ fn after_a_revocation_commits_no_node_issues_a_grant_under_it() {
             let client = clients[i % clients.len()].clone();
             let world = world.clone();
             let delegation = delegation.clone();
-            tasks.push(tokio::spawn(async move { authorize(&client, &world, &delegation, "read", "secret/team-a/x").await }));
+            tasks.push(tokio::spawn(async move {
+                authorize(&client, &world, &delegation, "read", "secret/team-a/x").await
+            }));
         }
-        let revoke = pb::RevokeDelegationRequest { id: delegation.clone(), user_token: world.alice.clone(), agent_assertion: String::new() };
+        let revoke = pb::RevokeDelegationRequest {
+            id: delegation.clone(),
+            user_token: world.alice.clone(),
+            agent_assertion: String::new(),
+        };
         let revoked = clients[2]
             .authz(|mut a| {
                 let r = revoke.clone();
@@ -104,7 +159,12 @@ fn after_a_revocation_commits_no_node_issues_a_grant_under_it() {
             })
             .await
             .expect("revoke");
-        assert!(revoked.revoked_grant_ids.contains(&live.grant.as_ref().expect("grant").id), "the live grant was not revoked with its delegation");
+        assert!(
+            revoked
+                .revoked_grant_ids
+                .contains(&live.grant.as_ref().expect("grant").id),
+            "the live grant was not revoked with its delegation"
+        );
         let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.expect("task"));
@@ -118,13 +178,32 @@ fn after_a_revocation_commits_no_node_issues_a_grant_under_it() {
         let grant = r.grant.as_ref().expect("an allow carries its grant");
         // Committed in an earlier entry, or earlier in the revocation's own batch: either way
         // the revocation's cascade must have revoked it.
-        assert!(r.applied_index <= revoked.applied_index, "a grant was issued at {} after the revocation at {}", r.applied_index, revoked.applied_index);
-        assert!(revoked.revoked_grant_ids.contains(&grant.id), "grant {} outlived the revocation", grant.id);
+        assert!(
+            r.applied_index <= revoked.applied_index,
+            "a grant was issued at {} after the revocation at {}",
+            r.applied_index,
+            revoked.applied_index
+        );
+        assert!(
+            revoked.revoked_grant_ids.contains(&grant.id),
+            "grant {} outlived the revocation",
+            grant.id
+        );
     }
     for client in &clients {
-        let after = rt.block_on(authorize(client, &world, &delegation, "read", "secret/team-a/x"));
+        let after = rt.block_on(authorize(
+            client,
+            &world,
+            &delegation,
+            "read",
+            "secret/team-a/x",
+        ));
         assert_eq!(after.decision, pb::Decision::Deny as i32);
-        assert!(after.reasons.iter().any(|r| r.contains("revoked")), "{:?}", after.reasons);
+        assert!(
+            after.reasons.iter().any(|r| r.contains("revoked")),
+            "{:?}",
+            after.reasons
+        );
     }
     let introspected = c.json(&c.addrs.join(","), &["grant", "introspect", &live.token]);
     assert_eq!(introspected["active"], false);

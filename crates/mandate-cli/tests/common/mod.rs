@@ -258,26 +258,68 @@ impl World {
         let all = c.addrs.join(",");
         let policy = c.dir.path().join(format!("{name}.cedar"));
         std::fs::write(&policy, WORLD_POLICY).expect("write policy");
-        c.json(&all, &["policy", "put", "world", policy.to_str().expect("utf-8")]);
+        c.json(
+            &all,
+            &["policy", "put", "world", policy.to_str().expect("utf-8")],
+        );
         let key_file = c.dir.path().join(format!("{name}.pem"));
-        c.json(&all, &["agent", "keygen", "--out", key_file.to_str().expect("utf-8")]);
+        c.json(
+            &all,
+            &[
+                "agent",
+                "keygen",
+                "--out",
+                key_file.to_str().expect("utf-8"),
+            ],
+        );
         let agent = c.json(
             &all,
-            &["agent", "register", "--name", name, "--owner", "alice", "--public-key", key_file.to_str().expect("utf-8")],
+            &[
+                "agent",
+                "register",
+                "--name",
+                name,
+                "--owner",
+                "alice",
+                "--public-key",
+                key_file.to_str().expect("utf-8"),
+            ],
         );
         let pem = std::fs::read_to_string(&key_file).expect("key");
-        let agent_key = <ed25519_dalek::SigningKey as ed25519_dalek::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&pem).expect("pem");
-        let out = c.mandate(&["dev", "user-token", "alice", "--data-dir", c.dir.path().to_str().expect("utf-8")]);
+        let agent_key =
+            <ed25519_dalek::SigningKey as ed25519_dalek::pkcs8::DecodePrivateKey>::from_pkcs8_pem(
+                &pem,
+            )
+            .expect("pem");
+        let out = c.mandate(&[
+            "dev",
+            "user-token",
+            "alice",
+            "--data-dir",
+            c.dir.path().to_str().expect("utf-8"),
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let alice = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let cluster_id = c.json(&all, &["keys", "jwks"])["cluster_id"].as_str().expect("cluster id").to_owned();
-        World { agent_id: agent["id"].as_str().expect("id").to_owned(), agent_key, alice, cluster_id }
+        let cluster_id = c.json(&all, &["keys", "jwks"])["cluster_id"]
+            .as_str()
+            .expect("cluster id")
+            .to_owned();
+        World {
+            agent_id: agent["id"].as_str().expect("id").to_owned(),
+            agent_key,
+            alice,
+            cluster_id,
+        }
     }
 
     /// A fresh client assertion for the world's agent.
     pub fn assertion(&self) -> String {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
-        let der = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_der(&self.agent_key).expect("der");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs();
+        let der =
+            ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_der(&self.agent_key).expect("der");
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         let x = base64_url(self.agent_key.verifying_key().as_bytes());
         header.kid = Some(mandate_core::validate::jwk_thumbprint(&x));
@@ -291,8 +333,21 @@ impl World {
     }
 
     /// Alice delegates `actions` on `resources` to the agent; returns the delegation id.
-    pub fn delegate(&self, c: &DevCluster, actions: &[&str], resources: &[&str], extra: &[&str]) -> String {
-        let mut args = vec!["delegate", "create", "--user-token", &self.alice, "--agent", &self.agent_id];
+    pub fn delegate(
+        &self,
+        c: &DevCluster,
+        actions: &[&str],
+        resources: &[&str],
+        extra: &[&str],
+    ) -> String {
+        let mut args = vec![
+            "delegate",
+            "create",
+            "--user-token",
+            &self.alice,
+            "--agent",
+            &self.agent_id,
+        ];
         for a in actions {
             args.extend(["--action", a]);
         }
@@ -300,7 +355,10 @@ impl World {
             args.extend(["--resource", r]);
         }
         args.extend(extra);
-        c.json(&c.addrs.join(","), &args)["id"].as_str().expect("delegation id").to_owned()
+        c.json(&c.addrs.join(","), &args)["id"]
+            .as_str()
+            .expect("delegation id")
+            .to_owned()
     }
 }
 
