@@ -1,13 +1,18 @@
-//! `mandate bench register`: registrations per second against a running cluster, with a given
-//! number of concurrent clients. Each client has its own connections and starts at a different
-//! node, so followers forward to the leader as they would in production.
+//! `mandate bench register|authorize|evaluate`: registrations or authorizations per second
+//! against a running cluster with a given number of concurrent clients, and in-process
+//! decision evaluations per second. Each client has its own connections and starts at a
+//! different node, so followers forward to the leader as they would in production.
 
+mod evaluate;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use mandate_client::{parse_addrs, pb, Client};
 use serde_json::json;
 
+use crate::identity;
 use crate::output::print;
 use crate::{Connection, Failure};
 
@@ -24,6 +29,19 @@ pub struct BenchCommand {
 
 #[derive(Subcommand, Debug)]
 enum BenchSub {
+    /// Authorize (and receive a signed grant) as fast as N concurrent agents can, for each N.
+    Authorize {
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        clients: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+    },
+    /// In-process decision evaluations (chain check + ceiling + Cedar) on one core; needs no
+    /// cluster.
+    Evaluate {
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+    },
     /// Register agents as fast as N concurrent clients can, for each N given.
     Register {
         /// Concurrent clients per phase, comma-separated.
@@ -41,7 +59,159 @@ struct Worker {
     first_error: Option<String>,
 }
 
-async fn worker(client: Client, run_id: String, worker: usize, until: Instant) -> Worker {
+#[derive(Clone, Copy)]
+enum Load {
+    Register,
+    Authorize,
+}
+
+impl Load {
+    fn unit(self) -> &'static str {
+        match self {
+            Load::Register => "registrations",
+            Load::Authorize => "authorizations",
+        }
+    }
+}
+
+/// What authorize workers need: an agent with its key, a delegation covering `secret/bench/*`.
+struct AuthorizeWorld {
+    agent_id: String,
+    key: ed25519_dalek::SigningKey,
+    cluster_id: String,
+    delegation_id: String,
+}
+
+async fn authorize_world(client: &Client) -> Result<AuthorizeWorld, Failure> {
+    let run = hex::encode(rand::random::<[u8; 4]>());
+    let idp = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let issuer = format!("mandate-bench-{run}");
+    crate::authz_cli::put_issuer(
+        client,
+        pb::TrustedIssuer {
+            name: format!("bench-{run}"),
+            issuer: issuer.clone(),
+            audience: "mandate".into(),
+            jwks_json: identity::jwks_of(&idp),
+            leeway_s: 30,
+        },
+    )
+    .await?;
+    let policy = pb::PutPolicyRequest {
+        name: "bench".into(),
+        text: BENCH_POLICY.into(),
+    };
+    client
+        .authz(|mut c| {
+            let r = policy.clone();
+            async move { c.put_policy(r).await }
+        })
+        .await?;
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let register = pb::RegisterAgentRequest {
+        name: format!("bench-agent-{run}"),
+        owner: "bench-user".into(),
+        public_keys: vec![identity::public_jwk(&key)],
+        ..Default::default()
+    };
+    let agent = client
+        .registry(|mut c| {
+            let r = register.clone();
+            async move { c.register(r).await }
+        })
+        .await?
+        .agent
+        .ok_or_else(|| Failure("no agent returned".into()))?;
+    let user = identity::user_token(&idp, &issuer, "mandate", "bench-user", 3600)?;
+    let delegate = pb::CreateDelegationRequest {
+        user_token: user,
+        agent: agent.id.clone(),
+        actions: vec!["read".into()],
+        resources: vec!["secret/bench/*".into()],
+        ttl_seconds: 3600,
+        ..Default::default()
+    };
+    let delegation = client
+        .authz(|mut c| {
+            let r = delegate.clone();
+            async move { c.create_delegation(r).await }
+        })
+        .await?
+        .delegation
+        .ok_or_else(|| Failure("no delegation returned".into()))?;
+    Ok(AuthorizeWorld {
+        agent_id: agent.id,
+        key,
+        cluster_id: identity::cluster_id(client).await?,
+        delegation_id: delegation.id,
+    })
+}
+
+const BENCH_POLICY: &str = r#"
+@id("bench-user")
+permit(principal == User::"bench-user", action == Action::"read", resource in Resource::"secret/bench");
+@id("bench-agents")
+permit(principal is Agent, action == Action::"read", resource in Resource::"secret/bench") when { context.delegation.depth <= 1 };
+"#;
+
+async fn one_request(
+    client: &Client,
+    load: Load,
+    run_id: &str,
+    worker: usize,
+    n: u64,
+    world: Option<&AuthorizeWorld>,
+) -> Result<(), String> {
+    match (load, world) {
+        (Load::Authorize, Some(w)) => {
+            let request = pb::AuthorizeRequest {
+                agent_assertion: identity::agent_assertion(&w.agent_id, &w.key, &w.cluster_id)
+                    .map_err(|e| e.0)?,
+                delegation_id: w.delegation_id.clone(),
+                action: "read".into(),
+                resource: format!("secret/bench/{worker}"),
+                ..Default::default()
+            };
+            let r = client
+                .authz(|mut c| {
+                    let r = request.clone();
+                    async move { c.authorize(r).await }
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.decision == pb::Decision::Allow as i32 && !r.token.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not allowed: {:?}", r.reasons))
+            }
+        }
+        _ => {
+            let request = pb::RegisterAgentRequest {
+                name: format!("bench-{run_id}-{worker}-{n}"),
+                owner: "bench".into(),
+                description: "registered by mandate bench".into(),
+                ..Default::default()
+            };
+            client
+                .registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.register(request).await }
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn worker(
+    client: Client,
+    run_id: String,
+    worker: usize,
+    until: Instant,
+    load: Load,
+    world: Option<Arc<AuthorizeWorld>>,
+) -> Worker {
     let mut w = Worker {
         latencies_us: Vec::new(),
         errors: 0,
@@ -50,24 +220,12 @@ async fn worker(client: Client, run_id: String, worker: usize, until: Instant) -
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
-        let request = pb::RegisterAgentRequest {
-            name: format!("bench-{run_id}-{worker}-{n}"),
-            owner: "bench".into(),
-            description: "registered by mandate bench".into(),
-            ..Default::default()
-        };
         let started = Instant::now();
-        let result = client
-            .registry(|mut c| {
-                let request = request.clone();
-                async move { c.register(request).await }
-            })
-            .await;
-        match result {
-            Ok(_) => w.latencies_us.push(started.elapsed().as_micros() as u64),
+        match one_request(&client, load, &run_id, worker, n, world.as_deref()).await {
+            Ok(()) => w.latencies_us.push(started.elapsed().as_micros() as u64),
             Err(e) => {
                 w.errors += 1;
-                w.first_error.get_or_insert_with(|| e.to_string());
+                w.first_error.get_or_insert(e);
             }
         }
     }
@@ -86,7 +244,13 @@ async fn phase(
     connection: &Connection,
     clients: usize,
     duration: Duration,
+    world: Option<Arc<AuthorizeWorld>>,
 ) -> Result<serde_json::Value, Failure> {
+    let load = if world.is_some() {
+        Load::Authorize
+    } else {
+        Load::Register
+    };
     let addrs = parse_addrs(&connection.addr);
     if addrs.is_empty() {
         return Err(Failure("no address given".into()));
@@ -99,7 +263,14 @@ async fn phase(
         let mut rotated = addrs.clone();
         rotated.rotate_left(i % addrs.len());
         let client = Client::new(&rotated, connection.token.as_deref())?;
-        tasks.push(tokio::spawn(worker(client, run_id.clone(), i, until)));
+        tasks.push(tokio::spawn(worker(
+            client,
+            run_id.clone(),
+            i,
+            until,
+            load,
+            world.clone(),
+        )));
     }
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -117,7 +288,7 @@ async fn phase(
     Ok(json!({
         "clients": clients,
         "duration_s": elapsed,
-        "registrations": latencies.len(),
+        "requests": latencies.len(),
         "per_second": latencies.len() as f64 / elapsed,
         "latency_ms_p50": percentile(&latencies, 0.5),
         "latency_ms_p99": percentile(&latencies, 0.99),
@@ -127,10 +298,17 @@ async fn phase(
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
-    let BenchSub::Register {
-        clients,
-        duration_secs,
-    } = cmd.command;
+    let (clients, duration_secs, kind) = match cmd.command {
+        BenchSub::Register {
+            clients,
+            duration_secs,
+        } => (clients, duration_secs, Load::Register),
+        BenchSub::Authorize {
+            clients,
+            duration_secs,
+        } => (clients, duration_secs, Load::Authorize),
+        BenchSub::Evaluate { iterations } => return evaluate::run(iterations, cmd.connection.json),
+    };
     if clients.iter().any(|c| *c == 0 || *c > BENCH_CLIENTS_MAX) {
         return Err(Failure(format!(
             "--clients must each be between 1 and {BENCH_CLIENTS_MAX}"
@@ -139,14 +317,25 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
     if duration_secs == 0 {
         return Err(Failure("--duration-secs must be at least 1".into()));
     }
+    let world = match kind {
+        Load::Register => None,
+        Load::Authorize => Some(Arc::new(authorize_world(&cmd.connection.client()?).await?)),
+    };
     let mut phases = Vec::new();
     for c in &clients {
-        let result = phase(&cmd.connection, *c, Duration::from_secs(duration_secs)).await?;
+        let result = phase(
+            &cmd.connection,
+            *c,
+            Duration::from_secs(duration_secs),
+            world.clone(),
+        )
+        .await?;
         if !cmd.connection.json {
             println!(
-                "{:>5} clients: {:>9.1} registrations/s  (p50 {:.2} ms, p99 {:.2} ms, {} errors)",
+                "{:>5} clients: {:>9.1} {}/s  (p50 {:.2} ms, p99 {:.2} ms, {} errors)",
                 result["clients"],
                 result["per_second"].as_f64().unwrap_or(0.0),
+                kind.unit(),
                 result["latency_ms_p50"].as_f64().unwrap_or(0.0),
                 result["latency_ms_p99"].as_f64().unwrap_or(0.0),
                 result["errors"],

@@ -4,7 +4,6 @@
 
 use clap::Args;
 use mandate_client::{pb, ClientError};
-use serde_json::json;
 
 use crate::authz_cli::{decision_json, put_issuer};
 use crate::identity::{self, agent_assertion};
@@ -111,21 +110,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     println!("    version {}", written.version);
 
     step(4, "As alice: delegate read and delete on secret/team-a/* for 1 h, 5 uses, approval required for delete");
-    let now = identity::now_s();
-    let alice = jsonwebtoken::encode(
-        &{
-            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-            h.kid = Some(identity::public_jwk(&idp).kid);
-            h
-        },
-        &json!({ "iss": issuer, "aud": "mandate", "sub": "alice", "iat": now, "exp": now + 600 }),
-        &jsonwebtoken::EncodingKey::from_ed_der(
-            ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_der(&idp)
-                .map_err(|e| Failure(e.to_string()))?
-                .as_bytes(),
-        ),
-    )
-    .map_err(|e| Failure(e.to_string()))?;
+    let alice = identity::user_token(&idp, &issuer, "mandate", "alice", 600)?;
     let delegate = pb::CreateDelegationRequest {
         user_token: alice.clone(),
         agent: agent.id.clone(),

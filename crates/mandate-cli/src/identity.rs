@@ -117,13 +117,24 @@ pub fn agent_assertion(
     )
 }
 
-/// A user token from the development issuer.
-pub fn dev_user_token(issuer_key: &SigningKey, user: &str, ttl_s: u64) -> Result<String, Failure> {
+/// A user token signed by an issuer's key.
+pub fn user_token(
+    issuer_key: &SigningKey,
+    issuer: &str,
+    audience: &str,
+    user: &str,
+    ttl_s: u64,
+) -> Result<String, Failure> {
     let now = now_s();
     sign(
         issuer_key,
-        &json!({ "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": user, "iat": now, "exp": now + ttl_s }),
+        &json!({ "iss": issuer, "aud": audience, "sub": user, "iat": now, "exp": now + ttl_s }),
     )
+}
+
+/// A user token from the development issuer.
+pub fn dev_user_token(issuer_key: &SigningKey, user: &str, ttl_s: u64) -> Result<String, Failure> {
+    user_token(issuer_key, DEV_ISSUER, DEV_AUDIENCE, user, ttl_s)
 }
 
 /// The JWKS publishing one Ed25519 key.

@@ -340,9 +340,10 @@ pub fn create_delegation(
                         time_ms,
                         ..Default::default()
                     };
+                    let subject = Subject::User(user);
                     let verdict = policy::evaluate(
-                        &set,
-                        &Subject::User(user),
+                        set.for_subject(&subject),
+                        &subject,
                         action,
                         pattern_resource(pattern),
                         &ctx,
@@ -686,9 +687,14 @@ pub fn evaluate(
         approved: req.approved,
     };
     let mut policy_ids = Vec::new();
+    let agent_refs: Vec<&pb::Agent> = chain_agents.iter().collect();
+    let prepared = match policy::Prepared::new(&[&user], &agent_refs, req.action, req.resource, &ctx) {
+        Ok(p) => p,
+        Err(e) => return Ok(deny(vec![format!("the request could not be evaluated: {e}")], vec![], hops)),
+    };
     for a in &chain_agents {
         if let Some(ceiling) = engine.ceiling(a)? {
-            let v = policy::evaluate(&ceiling, &Subject::Agent(a), req.action, req.resource, &ctx);
+            let v = prepared.evaluate_indexed(&ceiling, &Subject::Agent(a));
             if !v.allowed {
                 return Ok(deny(
                     vec![format!(
@@ -702,7 +708,7 @@ pub fn evaluate(
         }
     }
     let set = engine.cluster_policies(state, || policy::documents(state))?;
-    let for_user = policy::evaluate(&set, &Subject::User(&user), req.action, req.resource, &ctx);
+    let for_user = prepared.evaluate_indexed(&set, &Subject::User(&user));
     if !for_user.allowed {
         let why = if for_user.policy_ids.is_empty() {
             "no policy permits it"
@@ -719,7 +725,7 @@ pub fn evaluate(
         ));
     }
     policy_ids.extend(for_user.policy_ids);
-    let for_agent = policy::evaluate(&set, &Subject::Agent(agent), req.action, req.resource, &ctx);
+    let for_agent = prepared.evaluate_indexed(&set, &Subject::Agent(agent));
     if !for_agent.allowed {
         let why = if for_agent.policy_ids.is_empty() {
             "no policy permits it"

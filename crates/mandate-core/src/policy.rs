@@ -14,8 +14,9 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityUid, Policy, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, PrincipalConstraint, Request, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
@@ -229,12 +230,76 @@ pub enum Subject<'a> {
     Agent(&'a pb::Agent),
 }
 
+impl Subject<'_> {
+    fn uid(&self) -> EntityUid {
+        match self {
+            Subject::User(id) => uid("User", id),
+            Subject::Agent(agent) => uid("Agent", &agent.id),
+        }
+    }
+}
+
+fn type_name(kind: &str) -> EntityTypeName {
+    static NAMES: OnceLock<HashMap<&'static str, EntityTypeName>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        ["User", "Agent", "Service", "Resource", "Action"]
+            .into_iter()
+            .map(|k| (k, EntityTypeName::from_str(k).expect("a built-in entity type name parses")))
+            .collect()
+    });
+    names.get(kind).cloned().expect("only built-in entity types are named")
+}
+
 fn uid(kind: &str, id: &str) -> EntityUid {
-    EntityUid::from_str(&format!(
-        "{kind}::{}",
-        serde_json::Value::String(id.to_owned())
-    ))
-    .expect("an entity uid built from a JSON-escaped string parses")
+    EntityUid::from_type_name_and_id(type_name(kind), EntityId::new(id))
+}
+
+/// A policy set split by the principals its policies can apply to, so that an evaluation runs
+/// only the policies that could match its principal. The decision and the determining
+/// policies are the same as evaluating the whole set: the policies left out cannot apply.
+pub struct PolicyIndex {
+    by_type: HashMap<EntityTypeName, Arc<PolicySet>>,
+    by_principal: HashMap<EntityUid, Arc<PolicySet>>,
+    empty: Arc<PolicySet>,
+}
+
+impl PolicyIndex {
+    pub fn new(set: &PolicySet) -> Result<Self, String> {
+        let types = ["User", "Agent", "Service"].map(type_name);
+        let mut generic: HashMap<EntityTypeName, Vec<Policy>> = HashMap::new();
+        let mut specific: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
+        for policy in set.policies() {
+            match policy.principal_constraint() {
+                PrincipalConstraint::Eq(principal) => specific.entry(principal).or_default().push(policy.clone()),
+                PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => generic.entry(t).or_default().push(policy.clone()),
+                PrincipalConstraint::Any | PrincipalConstraint::In(_) => {
+                    for t in &types {
+                        generic.entry(t.clone()).or_default().push(policy.clone());
+                    }
+                }
+            }
+        }
+        let build = |policies: Vec<Policy>| PolicySet::from_policies(policies).map(Arc::new).map_err(|e| e.to_string());
+        let mut by_principal = HashMap::new();
+        for (principal, mut policies) in specific {
+            policies.extend(generic.get(principal.type_name()).cloned().unwrap_or_default());
+            by_principal.insert(principal, build(policies)?);
+        }
+        let mut by_type = HashMap::new();
+        for (t, policies) in generic {
+            by_type.insert(t, build(policies)?);
+        }
+        Ok(PolicyIndex { by_type, by_principal, empty: Arc::new(PolicySet::new()) })
+    }
+
+    /// The policies that can apply to `subject`.
+    pub fn for_subject(&self, subject: &Subject<'_>) -> &PolicySet {
+        let principal = subject.uid();
+        self.by_principal
+            .get(&principal)
+            .or_else(|| self.by_type.get(principal.type_name()))
+            .unwrap_or(&self.empty)
+    }
 }
 
 fn string_set<'a>(items: impl IntoIterator<Item = &'a String>) -> RestrictedExpression {
@@ -298,44 +363,83 @@ fn resource_entities(resource: &str) -> Vec<Entity> {
         .collect()
 }
 
-fn subject_entities(subject: &Subject<'_>) -> Result<(EntityUid, Vec<Entity>), String> {
-    match subject {
-        Subject::User(id) => {
-            let u = uid("User", id);
-            Ok((u.clone(), vec![Entity::new_no_attrs(u, HashSet::new())]))
+fn agent_entity(agent: &pb::Agent) -> Result<Entity, String> {
+    let labels: Vec<String> = agent.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let attrs = HashMap::from([
+        ("name".to_owned(), RestrictedExpression::new_string(agent.name.clone())),
+        ("owner".to_owned(), RestrictedExpression::new_entity_uid(uid("User", &agent.owner))),
+        ("model".to_owned(), RestrictedExpression::new_string(agent.model.clone())),
+        ("provider".to_owned(), RestrictedExpression::new_string(agent.provider.clone())),
+        ("labels".to_owned(), string_set(&labels)),
+    ]);
+    Entity::new(uid("Agent", &agent.id), attrs, HashSet::new()).map_err(|e| e.to_string())
+}
+
+/// One request made ready for several evaluations: the entities (users, agents, the resource
+/// and its ancestors), the action, the resource and the context are built once.
+pub struct Prepared {
+    entities: Entities,
+    action: EntityUid,
+    resource: EntityUid,
+    context: Context,
+}
+
+impl Prepared {
+    /// Prepares `action` on `resource` for the given users and agents.
+    pub fn new(
+        users: &[&str],
+        agents: &[&pb::Agent],
+        action: &str,
+        resource: &str,
+        ctx: &DecisionContext,
+    ) -> Result<Self, String> {
+        let mut entities: Vec<Entity> = resource_entities(resource);
+        let mut seen = HashSet::new();
+        for user in users.iter().copied().chain(agents.iter().map(|a| a.owner.as_str())) {
+            if seen.insert(user.to_owned()) {
+                entities.push(Entity::new_no_attrs(uid("User", user), HashSet::new()));
+            }
         }
-        Subject::Agent(agent) => {
-            let a = uid("Agent", &agent.id);
-            let labels: Vec<String> = agent
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let attrs = HashMap::from([
-                (
-                    "name".to_owned(),
-                    RestrictedExpression::new_string(agent.name.clone()),
-                ),
-                (
-                    "owner".to_owned(),
-                    RestrictedExpression::new_entity_uid(uid("User", &agent.owner)),
-                ),
-                (
-                    "model".to_owned(),
-                    RestrictedExpression::new_string(agent.model.clone()),
-                ),
-                (
-                    "provider".to_owned(),
-                    RestrictedExpression::new_string(agent.provider.clone()),
-                ),
-                ("labels".to_owned(), string_set(&labels)),
-            ]);
-            let entity =
-                Entity::new(a.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-            let owner = Entity::new_no_attrs(uid("User", &agent.owner), HashSet::new());
-            Ok((a, vec![entity, owner]))
+        for agent in agents {
+            entities.push(agent_entity(agent)?);
+        }
+        // Every policy was validated against the schema when it was written, and these
+        // entities are built here to the schema's shape, so evaluation skips re-validation.
+        Ok(Prepared {
+            entities: Entities::from_entities(entities, None).map_err(|e| e.to_string())?,
+            action: uid("Action", action),
+            resource: uid("Resource", resource),
+            context: context(ctx)?,
+        })
+    }
+
+    /// Evaluates the policies of `index` that can apply to `subject`.
+    pub fn evaluate_indexed(&self, index: &PolicyIndex, subject: &Subject<'_>) -> Verdict {
+        self.evaluate(index.for_subject(subject), subject)
+    }
+
+    /// Evaluates `set` for `subject`. Evaluation problems deny (and are reported).
+    pub fn evaluate(&self, set: &PolicySet, subject: &Subject<'_>) -> Verdict {
+        let principal = subject.uid();
+        let request = match Request::new(principal, self.action.clone(), self.resource.clone(), self.context.clone(), None) {
+            Ok(r) => r,
+            Err(e) => return Verdict { allowed: false, policy_ids: vec![], errors: vec![e.to_string()] },
+        };
+        let response = authorizer().is_authorized(&request, set, &self.entities);
+        let mut policy_ids: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+        policy_ids.sort();
+        let errors = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        Verdict {
+            allowed: response.decision() == Decision::Allow,
+            policy_ids,
+            errors,
         }
     }
+}
+
+fn authorizer() -> &'static Authorizer {
+    static AUTHORIZER: OnceLock<Authorizer> = OnceLock::new();
+    AUTHORIZER.get_or_init(Authorizer::new)
 }
 
 /// Evaluates `set` for one request. Evaluation problems deny (and are reported).
@@ -346,47 +450,13 @@ pub fn evaluate(
     resource: &str,
     ctx: &DecisionContext,
 ) -> Verdict {
-    let build = || -> Result<(Request, Entities), String> {
-        let (principal, mut entities) = subject_entities(subject)?;
-        entities.extend(resource_entities(resource));
-        let request = Request::new(
-            principal,
-            uid("Action", action),
-            uid("Resource", resource),
-            context(ctx)?,
-            Some(schema()),
-        )
-        .map_err(|e| e.to_string())?;
-        let entities =
-            Entities::from_entities(entities, Some(schema())).map_err(|e| e.to_string())?;
-        Ok((request, entities))
+    let prepared = match subject {
+        Subject::User(id) => Prepared::new(&[id], &[], action, resource, ctx),
+        Subject::Agent(agent) => Prepared::new(&[], &[agent], action, resource, ctx),
     };
-    let (request, entities) = match build() {
-        Ok(built) => built,
-        Err(e) => {
-            return Verdict {
-                allowed: false,
-                policy_ids: vec![],
-                errors: vec![e],
-            }
-        }
-    };
-    let response = Authorizer::new().is_authorized(&request, set, &entities);
-    let mut policy_ids: Vec<String> = response
-        .diagnostics()
-        .reason()
-        .map(|id| id.to_string())
-        .collect();
-    policy_ids.sort();
-    let errors = response
-        .diagnostics()
-        .errors()
-        .map(|e| e.to_string())
-        .collect();
-    Verdict {
-        allowed: response.decision() == Decision::Allow,
-        policy_ids,
-        errors,
+    match prepared {
+        Ok(p) => p.evaluate(set, subject),
+        Err(e) => Verdict { allowed: false, policy_ids: vec![], errors: vec![e] },
     }
 }
 
@@ -394,8 +464,8 @@ pub fn evaluate(
 /// cache is a pure function of state, so using it keeps apply deterministic.
 #[derive(Default)]
 pub struct Engine {
-    cluster: Option<(u64, Arc<PolicySet>)>,
-    ceilings: HashMap<String, (u64, Option<Arc<PolicySet>>)>,
+    cluster: Option<(u64, Arc<PolicyIndex>)>,
+    ceilings: HashMap<String, (u64, Option<Arc<PolicyIndex>>)>,
 }
 
 /// Most agent ceilings kept parsed at once.
@@ -419,7 +489,7 @@ impl Engine {
         &mut self,
         state: &(impl StateRead + ?Sized),
         documents: impl FnOnce() -> Result<Vec<pb::PolicyDocument>, StorageFault>,
-    ) -> Result<Arc<PolicySet>, StorageFault> {
+    ) -> Result<Arc<PolicyIndex>, StorageFault> {
         let version = policy_version(state)?;
         if let Some((v, set)) = &self.cluster {
             if *v == version {
@@ -439,13 +509,13 @@ impl Engine {
                     .map_err(|e| StorageFault(format!("stored policy {:?}: {e}", doc.name)))?;
             }
         }
-        let set = Arc::new(set);
-        self.cluster = Some((version, set.clone()));
-        Ok(set)
+        let index = Arc::new(PolicyIndex::new(&set).map_err(StorageFault)?);
+        self.cluster = Some((version, index.clone()));
+        Ok(index)
     }
 
     /// The agent's ceiling, or `None` when it has none.
-    pub fn ceiling(&mut self, agent: &pb::Agent) -> Result<Option<Arc<PolicySet>>, StorageFault> {
+    pub fn ceiling(&mut self, agent: &pb::Agent) -> Result<Option<Arc<PolicyIndex>>, StorageFault> {
         if let Some((version, set)) = self.ceilings.get(&agent.id) {
             if *version == agent.version {
                 return Ok(set.clone());
@@ -458,7 +528,9 @@ impl Engine {
                     agent.id
                 ))
             })?
-            .map(Arc::new);
+            .map(|set| PolicyIndex::new(&set).map(Arc::new))
+            .transpose()
+            .map_err(StorageFault)?;
         if self.ceilings.len() >= CEILING_CACHE_MAX {
             self.ceilings.clear();
         }
@@ -555,6 +627,27 @@ permit(principal is Agent, action, resource) when { context.delegation.depth <= 
             .allowed
         );
         assert!(!evaluate(&set, &Subject::Agent(&agent()), "read", "secret/x", &deep).allowed);
+    }
+
+    #[test]
+    fn the_principal_index_decides_exactly_as_the_whole_set() {
+        let text = format!(
+            "{TEAM_A}\n@id(\"bob\")\npermit(principal == User::\"bob\", action, resource);\n\
+             @id(\"no-agent-deletes\")\nforbid(principal is Agent, action == Action::\"delete\", resource);\n\
+             @id(\"anyone-lists\")\npermit(principal, action == Action::\"list\", resource);"
+        );
+        let whole = PolicySet::from_policies(parse_document("mixed", &text).expect("valid")).expect("set");
+        let index = PolicyIndex::new(&whole).expect("index");
+        let agent = agent();
+        let ctx = DecisionContext { depth: 1, ..Default::default() };
+        for subject in [Subject::User("alice"), Subject::User("bob"), Subject::User("carol"), Subject::Agent(&agent)] {
+            for action in ["read", "delete", "list"] {
+                for resource in ["secret/team-a/db", "secret/other"] {
+                    let prepared = Prepared::new(&["alice", "bob", "carol"], &[&agent], action, resource, &ctx).expect("prepare");
+                    assert_eq!(prepared.evaluate(&whole, &subject), prepared.evaluate_indexed(&index, &subject));
+                }
+            }
+        }
     }
 
     #[test]

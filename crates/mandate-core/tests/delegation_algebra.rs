@@ -19,10 +19,22 @@ const SEGMENTS: &[&str] = &["a", "b", "c"];
 const ACTIONS: &[&str] = &["read", "write", "delete", "list"];
 
 fn pattern() -> impl Strategy<Value = String> {
-    (proptest::collection::vec(0..SEGMENTS.len(), 1..4), any::<bool>()).prop_map(|(segs, wildcard)| {
-        let path = segs.iter().map(|i| SEGMENTS[*i]).collect::<Vec<_>>().join("/");
-        if wildcard { format!("{path}/*") } else { path }
-    })
+    (
+        proptest::collection::vec(0..SEGMENTS.len(), 1..4),
+        any::<bool>(),
+    )
+        .prop_map(|(segs, wildcard)| {
+            let path = segs
+                .iter()
+                .map(|i| SEGMENTS[*i])
+                .collect::<Vec<_>>()
+                .join("/");
+            if wildcard {
+                format!("{path}/*")
+            } else {
+                path
+            }
+        })
 }
 
 /// Every concrete path up to depth 4 over the segments.
@@ -30,7 +42,10 @@ fn universe() -> Vec<String> {
     let mut out: Vec<String> = SEGMENTS.iter().map(|s| (*s).to_owned()).collect();
     let mut frontier = out.clone();
     for _ in 1..4 {
-        let next: Vec<String> = frontier.iter().flat_map(|p| SEGMENTS.iter().map(move |s| format!("{p}/{s}"))).collect();
+        let next: Vec<String> = frontier
+            .iter()
+            .flat_map(|p| SEGMENTS.iter().map(move |s| format!("{p}/{s}")))
+            .collect();
         out.extend(next.iter().cloned());
         frontier = next;
     }
@@ -38,7 +53,8 @@ fn universe() -> Vec<String> {
 }
 
 fn actions() -> impl Strategy<Value = Vec<String>> {
-    proptest::sample::subsequence(ACTIONS, 1..=ACTIONS.len()).prop_map(|v| v.into_iter().map(str::to_owned).collect())
+    proptest::sample::subsequence(ACTIONS, 1..=ACTIONS.len())
+        .prop_map(|v| v.into_iter().map(str::to_owned).collect())
 }
 
 proptest! {
@@ -109,8 +125,15 @@ fn agent_id(i: usize) -> String {
     format!("agt_{i:032x}")
 }
 
-fn apply(state: &mut State, engine: &mut Engine, index: u64, command: pb::Command) -> pb::CommandResult {
-    let batch = pb::CommandBatch { commands: vec![command] };
+fn apply(
+    state: &mut State,
+    engine: &mut Engine,
+    index: u64,
+    command: pb::Command,
+) -> pb::CommandResult {
+    let batch = pb::CommandBatch {
+        commands: vec![command],
+    };
     let mut overlay = Overlay::new(&*state);
     let mut results = apply_batch(&mut overlay, engine, &batch, index).expect("no storage fault");
     for (k, v) in overlay.into_writes() {
@@ -123,11 +146,18 @@ fn apply(state: &mut State, engine: &mut Engine, index: u64, command: pb::Comman
 }
 
 fn ok(result: &pb::CommandResult) -> bool {
-    matches!(result.outcome, Some(pb::command_result::Outcome::Applied(_)))
+    matches!(
+        result.outcome,
+        Some(pb::command_result::Outcome::Applied(_))
+    )
 }
 
 fn command(kind: Kind) -> pb::Command {
-    pb::Command { time_ms: 1_000, kind: Some(kind), ..Default::default() }
+    pb::Command {
+        time_ms: 1_000,
+        kind: Some(kind),
+        ..Default::default()
+    }
 }
 
 /// A cluster with alice permitted everything and `agents` registered agents.
@@ -139,11 +169,19 @@ fn world(agents: usize) -> (State, Engine, u64) {
         cluster_id: "c".into(),
         root_token_id: "tok_root".into(),
         root_secret_sha256: vec![0; 32],
-        signing_key: Some(pb::SigningKey { kid: "k1".into(), x: URL_SAFE_NO_PAD.encode(public.as_bytes()), sealed_private: vec![1], ..Default::default() }),
+        signing_key: Some(pb::SigningKey {
+            kid: "k1".into(),
+            x: URL_SAFE_NO_PAD.encode(public.as_bytes()),
+            sealed_private: vec![1],
+            ..Default::default()
+        }),
     }));
     assert!(ok(&apply(&mut state, &mut engine, 1, boot)));
     let mut index = 2;
-    let mut policy = command(Kind::PutPolicy(pb::PutPolicy { name: "all".into(), text: "permit(principal, action, resource);".into() }));
+    let mut policy = command(Kind::PutPolicy(pb::PutPolicy {
+        name: "all".into(),
+        text: "permit(principal, action, resource);".into(),
+    }));
     policy.operator_token_id = "tok_root".into();
     assert!(ok(&apply(&mut state, &mut engine, index, policy)));
     for i in 0..agents {
@@ -152,7 +190,12 @@ fn world(agents: usize) -> (State, Engine, u64) {
             agent_id: agent_id(i),
             name: format!("agent-{i}"),
             owner: "alice".into(),
-            keys: vec![pb::Jwk { kid: "k".into(), kty: "OKP".into(), crv: "Ed25519".into(), x: URL_SAFE_NO_PAD.encode(public.as_bytes()) }],
+            keys: vec![pb::Jwk {
+                kid: "k".into(),
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                x: URL_SAFE_NO_PAD.encode(public.as_bytes()),
+            }],
             ..Default::default()
         }));
         register.operator_token_id = "tok_root".into();
