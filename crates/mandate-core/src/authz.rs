@@ -688,7 +688,8 @@ pub fn evaluate(
     };
     let mut policy_ids = Vec::new();
     let agent_refs: Vec<&pb::Agent> = chain_agents.iter().collect();
-    let prepared = match policy::Prepared::new(&[&user], &agent_refs, req.action, req.resource, &ctx) {
+    let prepared = match policy::Prepared::new(
+        &agent_refs, req.action, req.resource, &ctx) {
         Ok(p) => p,
         Err(e) => return Ok(deny(vec![format!("the request could not be evaluated: {e}")], vec![], hops)),
     };

@@ -385,21 +385,16 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares `action` on `resource` for the given users and agents.
+    /// Prepares `action` on `resource` for users and the given agents.
     pub fn new(
-        users: &[&str],
         agents: &[&pb::Agent],
         action: &str,
         resource: &str,
         ctx: &DecisionContext,
     ) -> Result<Self, String> {
+        // Users carry no attributes or parents, so they need no entity: Cedar treats a
+        // principal without one exactly as one with no attributes and no ancestors.
         let mut entities: Vec<Entity> = resource_entities(resource);
-        let mut seen = HashSet::new();
-        for user in users.iter().copied().chain(agents.iter().map(|a| a.owner.as_str())) {
-            if seen.insert(user.to_owned()) {
-                entities.push(Entity::new_no_attrs(uid("User", user), HashSet::new()));
-            }
-        }
         for agent in agents {
             entities.push(agent_entity(agent)?);
         }
@@ -451,8 +446,8 @@ pub fn evaluate(
     ctx: &DecisionContext,
 ) -> Verdict {
     let prepared = match subject {
-        Subject::User(id) => Prepared::new(&[id], &[], action, resource, ctx),
-        Subject::Agent(agent) => Prepared::new(&[], &[agent], action, resource, ctx),
+        Subject::User(_) => Prepared::new(&[], action, resource, ctx),
+        Subject::Agent(agent) => Prepared::new(&[agent], action, resource, ctx),
     };
     match prepared {
         Ok(p) => p.evaluate(set, subject),
@@ -643,7 +638,7 @@ permit(principal is Agent, action, resource) when { context.delegation.depth <= 
         for subject in [Subject::User("alice"), Subject::User("bob"), Subject::User("carol"), Subject::Agent(&agent)] {
             for action in ["read", "delete", "list"] {
                 for resource in ["secret/team-a/db", "secret/other"] {
-                    let prepared = Prepared::new(&["alice", "bob", "carol"], &[&agent], action, resource, &ctx).expect("prepare");
+                    let prepared = Prepared::new(&[&agent], action, resource, &ctx).expect("prepare");
                     assert_eq!(prepared.evaluate(&whole, &subject), prepared.evaluate_indexed(&index, &subject));
                 }
             }
