@@ -688,10 +688,15 @@ pub fn evaluate(
     };
     let mut policy_ids = Vec::new();
     let agent_refs: Vec<&pb::Agent> = chain_agents.iter().collect();
-    let prepared = match policy::Prepared::new(
-        &agent_refs, req.action, req.resource, &ctx) {
+    let prepared = match policy::Prepared::new(&agent_refs, req.action, req.resource, &ctx) {
         Ok(p) => p,
-        Err(e) => return Ok(deny(vec![format!("the request could not be evaluated: {e}")], vec![], hops)),
+        Err(e) => {
+            return Ok(deny(
+                vec![format!("the request could not be evaluated: {e}")],
+                vec![],
+                hops,
+            ))
+        }
     };
     for a in &chain_agents {
         if let Some(ceiling) = engine.ceiling(a)? {

@@ -244,10 +244,18 @@ fn type_name(kind: &str) -> EntityTypeName {
     let names = NAMES.get_or_init(|| {
         ["User", "Agent", "Service", "Resource", "Action"]
             .into_iter()
-            .map(|k| (k, EntityTypeName::from_str(k).expect("a built-in entity type name parses")))
+            .map(|k| {
+                (
+                    k,
+                    EntityTypeName::from_str(k).expect("a built-in entity type name parses"),
+                )
+            })
             .collect()
     });
-    names.get(kind).cloned().expect("only built-in entity types are named")
+    names
+        .get(kind)
+        .cloned()
+        .expect("only built-in entity types are named")
 }
 
 fn uid(kind: &str, id: &str) -> EntityUid {
@@ -270,8 +278,12 @@ impl PolicyIndex {
         let mut specific: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
         for policy in set.policies() {
             match policy.principal_constraint() {
-                PrincipalConstraint::Eq(principal) => specific.entry(principal).or_default().push(policy.clone()),
-                PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => generic.entry(t).or_default().push(policy.clone()),
+                PrincipalConstraint::Eq(principal) => {
+                    specific.entry(principal).or_default().push(policy.clone())
+                }
+                PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => {
+                    generic.entry(t).or_default().push(policy.clone())
+                }
                 PrincipalConstraint::Any | PrincipalConstraint::In(_) => {
                     for t in &types {
                         generic.entry(t.clone()).or_default().push(policy.clone());
@@ -279,17 +291,30 @@ impl PolicyIndex {
                 }
             }
         }
-        let build = |policies: Vec<Policy>| PolicySet::from_policies(policies).map(Arc::new).map_err(|e| e.to_string());
+        let build = |policies: Vec<Policy>| {
+            PolicySet::from_policies(policies)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        };
         let mut by_principal = HashMap::new();
         for (principal, mut policies) in specific {
-            policies.extend(generic.get(principal.type_name()).cloned().unwrap_or_default());
+            policies.extend(
+                generic
+                    .get(principal.type_name())
+                    .cloned()
+                    .unwrap_or_default(),
+            );
             by_principal.insert(principal, build(policies)?);
         }
         let mut by_type = HashMap::new();
         for (t, policies) in generic {
             by_type.insert(t, build(policies)?);
         }
-        Ok(PolicyIndex { by_type, by_principal, empty: Arc::new(PolicySet::new()) })
+        Ok(PolicyIndex {
+            by_type,
+            by_principal,
+            empty: Arc::new(PolicySet::new()),
+        })
     }
 
     /// The policies that can apply to `subject`.
@@ -364,12 +389,28 @@ fn resource_entities(resource: &str) -> Vec<Entity> {
 }
 
 fn agent_entity(agent: &pb::Agent) -> Result<Entity, String> {
-    let labels: Vec<String> = agent.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let labels: Vec<String> = agent
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let attrs = HashMap::from([
-        ("name".to_owned(), RestrictedExpression::new_string(agent.name.clone())),
-        ("owner".to_owned(), RestrictedExpression::new_entity_uid(uid("User", &agent.owner))),
-        ("model".to_owned(), RestrictedExpression::new_string(agent.model.clone())),
-        ("provider".to_owned(), RestrictedExpression::new_string(agent.provider.clone())),
+        (
+            "name".to_owned(),
+            RestrictedExpression::new_string(agent.name.clone()),
+        ),
+        (
+            "owner".to_owned(),
+            RestrictedExpression::new_entity_uid(uid("User", &agent.owner)),
+        ),
+        (
+            "model".to_owned(),
+            RestrictedExpression::new_string(agent.model.clone()),
+        ),
+        (
+            "provider".to_owned(),
+            RestrictedExpression::new_string(agent.provider.clone()),
+        ),
         ("labels".to_owned(), string_set(&labels)),
     ]);
     Entity::new(uid("Agent", &agent.id), attrs, HashSet::new()).map_err(|e| e.to_string())
@@ -416,14 +457,34 @@ impl Prepared {
     /// Evaluates `set` for `subject`. Evaluation problems deny (and are reported).
     pub fn evaluate(&self, set: &PolicySet, subject: &Subject<'_>) -> Verdict {
         let principal = subject.uid();
-        let request = match Request::new(principal, self.action.clone(), self.resource.clone(), self.context.clone(), None) {
+        let request = match Request::new(
+            principal,
+            self.action.clone(),
+            self.resource.clone(),
+            self.context.clone(),
+            None,
+        ) {
             Ok(r) => r,
-            Err(e) => return Verdict { allowed: false, policy_ids: vec![], errors: vec![e.to_string()] },
+            Err(e) => {
+                return Verdict {
+                    allowed: false,
+                    policy_ids: vec![],
+                    errors: vec![e.to_string()],
+                }
+            }
         };
         let response = authorizer().is_authorized(&request, set, &self.entities);
-        let mut policy_ids: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+        let mut policy_ids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
         policy_ids.sort();
-        let errors = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let errors = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
         Verdict {
             allowed: response.decision() == Decision::Allow,
             policy_ids,
@@ -451,7 +512,11 @@ pub fn evaluate(
     };
     match prepared {
         Ok(p) => p.evaluate(set, subject),
-        Err(e) => Verdict { allowed: false, policy_ids: vec![], errors: vec![e] },
+        Err(e) => Verdict {
+            allowed: false,
+            policy_ids: vec![],
+            errors: vec![e],
+        },
     }
 }
 
@@ -631,15 +696,28 @@ permit(principal is Agent, action, resource) when { context.delegation.depth <= 
              @id(\"no-agent-deletes\")\nforbid(principal is Agent, action == Action::\"delete\", resource);\n\
              @id(\"anyone-lists\")\npermit(principal, action == Action::\"list\", resource);"
         );
-        let whole = PolicySet::from_policies(parse_document("mixed", &text).expect("valid")).expect("set");
+        let whole =
+            PolicySet::from_policies(parse_document("mixed", &text).expect("valid")).expect("set");
         let index = PolicyIndex::new(&whole).expect("index");
         let agent = agent();
-        let ctx = DecisionContext { depth: 1, ..Default::default() };
-        for subject in [Subject::User("alice"), Subject::User("bob"), Subject::User("carol"), Subject::Agent(&agent)] {
+        let ctx = DecisionContext {
+            depth: 1,
+            ..Default::default()
+        };
+        for subject in [
+            Subject::User("alice"),
+            Subject::User("bob"),
+            Subject::User("carol"),
+            Subject::Agent(&agent),
+        ] {
             for action in ["read", "delete", "list"] {
                 for resource in ["secret/team-a/db", "secret/other"] {
-                    let prepared = Prepared::new(&[&agent], action, resource, &ctx).expect("prepare");
-                    assert_eq!(prepared.evaluate(&whole, &subject), prepared.evaluate_indexed(&index, &subject));
+                    let prepared =
+                        Prepared::new(&[&agent], action, resource, &ctx).expect("prepare");
+                    assert_eq!(
+                        prepared.evaluate(&whole, &subject),
+                        prepared.evaluate_indexed(&index, &subject)
+                    );
                 }
             }
         }

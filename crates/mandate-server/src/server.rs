@@ -15,6 +15,7 @@ use mandate_proto::v1::{AddLearnerRequest, Member as MemberMsg};
 use mandate_raft::peer_service::PeerService;
 use mandate_raft::{Member, Node, RaftTiming, PEER_MESSAGE_BYTES_MAX};
 use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::Status;
 
@@ -168,14 +169,15 @@ pub async fn run(
             AuthzServer::new(AuthzService::new(node.clone(), signer.clone()))
                 .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         );
-    let peer_task = tokio::spawn(peer.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
-        stopped(stop_rx.clone()),
-    ));
-    let client_task = tokio::spawn(client.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(client_listener),
-        stopped(stop_rx.clone()),
-    ));
+    // TCP_NODELAY: a response written in several frames must not wait for the peer's delayed
+    // ACK (Nagle), which adds about 40 ms to every small request.
+    let incoming = |listener| TcpIncoming::from(listener).with_nodelay(Some(true));
+    let peer_task = tokio::spawn(
+        peer.serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
+    );
+    let client_task = tokio::spawn(
+        client.serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone())),
+    );
     let housekeeping = tokio::spawn(authz_service::housekeeping(
         node.clone(),
         Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
