@@ -206,6 +206,8 @@ pub fn register_agent(cmd: &pb::RegisterAgent) -> Result<pb::RegisterAgent, Doma
     text("provider", &cmd.provider, MODEL_BYTES_MAX)?;
     labels(&cmd.labels)?;
     text("ceiling", &cmd.ceiling, CEILING_BYTES_MAX)?;
+    crate::policy::parse_ceiling(&cmd.ceiling)
+        .map_err(|problems| crate::policy::problems_error("ceiling", &problems))?;
     let keys = jwks(&cmd.keys)?;
     Ok(pb::RegisterAgent {
         keys,
@@ -372,6 +374,21 @@ mod tests {
     fn duplicate_key_ids_are_refused() {
         let err = jwks(&[good_key(), good_key()]).expect_err("duplicate");
         assert_eq!(err.field, "public_keys[1].kid");
+    }
+
+    #[test]
+    fn a_ceiling_that_is_not_valid_cedar_is_refused_with_its_position() {
+        let mut cmd = pb::RegisterAgent {
+            name: "bot".into(),
+            owner: "alice".into(),
+            ceiling: "permit(principal, action, resource)\n  when { context.bogus };".into(),
+            ..Default::default()
+        };
+        let err = register_agent(&cmd).expect_err("invalid ceiling");
+        assert_eq!(err.field, "ceiling");
+        assert!(err.message.contains("line 2"), "{}", err.message);
+        cmd.ceiling = "permit(principal, action == Action::\"read\", resource);".into();
+        register_agent(&cmd).expect("valid ceiling");
     }
 
     #[test]
