@@ -307,6 +307,12 @@ pub fn create_delegation(
     if let Err(e) = delegation_shape(c) {
         return refuse(e);
     }
+    if delegation_record(state, &c.delegation_id)?.is_some() {
+        return refuse(DomainError::exists(
+            "delegation_id",
+            format!("{} was already used", c.delegation_id),
+        ));
+    }
     let delegate = match state.agent(&c.agent)? {
         Some(a) if is_active(a.status) => a,
         Some(a) => {
@@ -878,6 +884,14 @@ pub fn authorize(
     {
         return refuse(DomainError::unauthenticated(
             "the client assertion's jti was already used (replay)",
+        ));
+    }
+    if grant_record(state, &c.grant_id)?.is_some()
+        || approval_record(state, &c.approval_id)?.is_some()
+    {
+        return refuse(DomainError::exists(
+            "grant_id",
+            "the stamped grant or approval id was already used",
         ));
     }
     if !agent.keys.iter().any(|k| k.kid == c.assertion_kid) {

@@ -62,6 +62,50 @@ enum Op {
     RevokeToken {
         n: u8,
     },
+    Delegate {
+        agent: u8,
+        actions: u8,
+        approval: bool,
+        ttl: u64,
+        depth: u8,
+    },
+    SubDelegate {
+        parent: u8,
+        agent: u8,
+        ttl: u64,
+    },
+    Authorize {
+        agent: u8,
+        sub: bool,
+        action: u8,
+        uses: u8,
+    },
+    RevokeDelegation {
+        agent: u8,
+        sub: bool,
+    },
+    Consume {
+        grant: u8,
+    },
+    Decide {
+        approval: u8,
+        approve: bool,
+    },
+    Expire,
+}
+
+const ACTIONS: [&str; 3] = ["read", "write", "delete"];
+
+fn actions_of(mask: u8) -> Vec<String> {
+    let picked: Vec<String> = (0..3)
+        .filter(|i| mask & (1 << i) != 0)
+        .map(|i| ACTIONS[i].to_owned())
+        .collect();
+    if picked.is_empty() {
+        vec!["read".into()]
+    } else {
+        picked
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -84,11 +128,125 @@ fn op() -> impl Strategy<Value = Op> {
         (0..12u8, 0..12u8).prop_map(|(id, key)| Op::RemoveKey { id, key }),
         (0..4u8).prop_map(|n| Op::CreateToken { n }),
         (0..4u8).prop_map(|n| Op::RevokeToken { n }),
+        (0..4u8, 0..8u8, any::<bool>(), 1..100_000u64, 0..3u8).prop_map(
+            |(agent, actions, approval, ttl, depth)| Op::Delegate {
+                agent,
+                actions,
+                approval,
+                ttl,
+                depth
+            }
+        ),
+        (0..4u8, 0..4u8, 1..100_000u64).prop_map(|(parent, agent, ttl)| Op::SubDelegate {
+            parent,
+            agent,
+            ttl
+        }),
+        (0..4u8, any::<bool>(), 0..3u8, 0..3u8).prop_map(|(agent, sub, action, uses)| {
+            Op::Authorize {
+                agent,
+                sub,
+                action,
+                uses,
+            }
+        }),
+        (0..4u8, any::<bool>()).prop_map(|(agent, sub)| Op::RevokeDelegation { agent, sub }),
+        (0..120u8).prop_map(|grant| Op::Consume { grant }),
+        (0..120u8, any::<bool>()).prop_map(|(approval, approve)| Op::Decide { approval, approve }),
+        Just(Op::Expire),
     ]
 }
 
 fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
+    let mut principal_user = String::new();
+    let mut principal_agent = String::new();
     let kind = match op.clone() {
+        Op::Delegate {
+            agent,
+            actions,
+            approval,
+            ttl,
+            depth,
+        } => {
+            principal_user = "alice".into();
+            let actions = actions_of(actions);
+            Kind::CreateDelegation(pb::CreateDelegation {
+                delegation_id: format!("dlg_{agent}"),
+                agent: agent_id(agent),
+                approval_actions: if approval {
+                    vec![actions[0].clone()]
+                } else {
+                    vec![]
+                },
+                actions,
+                resources: vec!["secret/x/*".into()],
+                ttl_ms: ttl,
+                may_redelegate: depth > 0,
+                max_depth: u32::from(depth),
+                max_uses: 3,
+                ..Default::default()
+            })
+        }
+        Op::SubDelegate { parent, agent, ttl } => {
+            principal_agent = agent_id(parent);
+            Kind::CreateDelegation(pb::CreateDelegation {
+                delegation_id: format!("dlg_s{agent}"),
+                parent_id: format!("dlg_{parent}"),
+                agent: agent_id(agent),
+                actions: vec!["read".into()],
+                resources: vec!["secret/x/y".into()],
+                ttl_ms: ttl,
+                max_uses: 1,
+                ..Default::default()
+            })
+        }
+        Op::Authorize {
+            agent,
+            sub,
+            action,
+            uses,
+        } => {
+            principal_agent = agent_id(agent);
+            Kind::Authorize(pb::Authorize {
+                delegation_id: if sub {
+                    format!("dlg_s{agent}")
+                } else {
+                    format!("dlg_{agent}")
+                },
+                action: ACTIONS[action as usize].into(),
+                resource: "secret/x/y".into(),
+                ttl_ms: 300,
+                uses: u32::from(uses),
+                assertion_kid: "k0".into(),
+                assertion_jti: format!("jti-{n}"),
+                assertion_expires_ms: time_ms + 60_000,
+                grant_id: format!("grt_{n}"),
+                approval_id: format!("apv_{n}"),
+                ..Default::default()
+            })
+        }
+        Op::RevokeDelegation { agent, sub } => {
+            principal_user = "alice".into();
+            let delegation_id = if sub {
+                format!("dlg_s{agent}")
+            } else {
+                format!("dlg_{agent}")
+            };
+            Kind::RevokeDelegation(pb::RevokeDelegation { delegation_id })
+        }
+        Op::Consume { grant } => Kind::ConsumeGrant(pb::ConsumeGrant {
+            grant_id: format!("grt_{grant}"),
+            ..Default::default()
+        }),
+        Op::Decide { approval, approve } => {
+            principal_user = "alice".into();
+            Kind::DecideApproval(pb::DecideApproval {
+                approval_id: format!("apv_{approval}"),
+                approve,
+                grant_id: format!("grt_a{n}"),
+            })
+        }
+        Op::Expire => Kind::ExpireGrants(pb::ExpireGrants {}),
         Op::Register {
             id,
             name,
@@ -99,6 +257,11 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
             name: format!("bot-{name}"),
             owner: format!("user-{owner}"),
             keys: (0..k).map(key).collect(),
+            ceiling: if name % 3 == 0 {
+                "permit(principal, action == Action::\"read\", resource);".into()
+            } else {
+                String::new()
+            },
             labels: BTreeMap::from([("team".into(), format!("t{}", name % 2))]),
             ..Default::default()
         }),
@@ -135,12 +298,21 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
             token_id: format!("tok_{n}"),
         }),
     };
+    let operator = if principal_user.is_empty()
+        && principal_agent.is_empty()
+        && !matches!(op, Op::Consume { .. } | Op::Expire)
+    {
+        actor.to_owned()
+    } else {
+        String::new()
+    };
     pb::Command {
         request_id: format!("req-{n}"),
         time_ms,
-        operator_token_id: actor.to_owned(),
+        operator_token_id: operator,
+        user: principal_user,
+        agent: principal_agent,
         kind: Some(kind),
-        ..Default::default()
     }
 }
 
@@ -153,7 +325,16 @@ fn bootstrap() -> pb::CommandBatch {
                 cluster_id: "c1".into(),
                 root_token_id: ROOT.into(),
                 root_secret_sha256: vec![0; 32],
-                signing_key: None,
+                signing_key: Some(pb::SigningKey { kid: "sk".into(), x: key(1).x, sealed_private: vec![1], ..Default::default() }),
+            })),
+            ..Default::default()
+        }, pb::Command {
+            request_id: "req-policy".into(),
+            time_ms: 1_000,
+            operator_token_id: ROOT.into(),
+            kind: Some(Kind::PutPolicy(pb::PutPolicy {
+                name: "all".into(),
+                text: "permit(principal, action, resource) when { context.delegation.depth <= 1 };".into(),
             })),
             ..Default::default()
         }],
@@ -163,7 +344,23 @@ fn bootstrap() -> pb::CommandBatch {
 /// The log: a bootstrap entry, then the ops cut into batches, each stamped by a "leader" whose
 /// clock may step backwards, with commands issued by the root, an operator token or a stranger.
 fn log_of(ops: &[(Op, u8, u64)], batch_len: usize) -> Vec<pb::CommandBatch> {
-    let mut log = vec![bootstrap()];
+    // Agents 0-3 exist from the start (with key k0), so the authorization ops often apply.
+    let agents = (0..4u8)
+        .map(|i| {
+            command(
+                &Op::Register {
+                    id: i,
+                    name: 20 + i,
+                    owner: 0,
+                    key: 1,
+                },
+                ROOT,
+                1_000,
+                9_000 + usize::from(i),
+            )
+        })
+        .collect();
+    let mut log = vec![bootstrap(), pb::CommandBatch { commands: agents }];
     for (i, chunk) in ops.chunks(batch_len.max(1)).enumerate() {
         let commands = chunk
             .iter()
@@ -174,7 +371,7 @@ fn log_of(ops: &[(Op, u8, u64)], batch_len: usize) -> Vec<pb::CommandBatch> {
                     2 => "tok_1".to_owned(),
                     _ => "tok_missing".to_owned(),
                 };
-                command(op, &actor, 1_000 + time, i * 1000 + j)
+                command(op, &actor, 1_000 + time, i * batch_len.max(1) + j)
             })
             .collect();
         log.push(pb::CommandBatch { commands });
