@@ -1154,13 +1154,14 @@ pub fn end_grant(
     })]))
 }
 
+/// Index entries due at `time_ms`, oldest first, at most [`EXPIRE_BATCH_MAX`].
 fn due(
     state: &(impl StateRead + ?Sized),
     prefix: &[u8],
     time_ms: u64,
 ) -> Result<Vec<(Vec<u8>, String)>, StorageFault> {
     let mut out = Vec::new();
-    for (key, _) in state.scan_prefix(prefix)? {
+    for (key, _) in state.scan_prefix_first(prefix, EXPIRE_BATCH_MAX)? {
         let Some((at, id)) = keys::split_timed(prefix, &key) else {
             return Err(StorageFault("malformed expiry index key".into()));
         };
@@ -1173,25 +1174,25 @@ fn due(
 }
 
 pub fn expire(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<Decided, StorageFault> {
+    let grants_due = due(state, keys::GRANT_EXPIRY_PREFIX, time_ms)?;
+    let approvals_due = due(state, keys::APPROVAL_EXPIRY_PREFIX, time_ms)?;
+    let jtis_due = due(state, keys::JTI_EXPIRY_PREFIX, time_ms)?;
+    if grants_due.is_empty() && approvals_due.is_empty() && jtis_due.is_empty() {
+        return Ok(Ok(vec![]));
+    }
     let mut grant_ids = Vec::new();
-    for (_, id) in due(state, keys::GRANT_EXPIRY_PREFIX, time_ms)? {
+    for (_, id) in grants_due {
         if grant_record(state, &id)?.is_some_and(|g| g.status == pb::GrantStatus::Active as i32) {
             grant_ids.push(id);
         }
     }
     let mut approval_ids = Vec::new();
-    for (_, id) in due(state, keys::APPROVAL_EXPIRY_PREFIX, time_ms)? {
+    for (_, id) in approvals_due {
         if approval_record(state, &id)?
             .is_some_and(|a| a.status == pb::ApprovalStatus::Pending as i32)
         {
             approval_ids.push(id);
         }
-    }
-    let jtis_due = !due(state, keys::JTI_EXPIRY_PREFIX, time_ms)?.is_empty();
-    let index_due = !due(state, keys::GRANT_EXPIRY_PREFIX, time_ms)?.is_empty()
-        || !due(state, keys::APPROVAL_EXPIRY_PREFIX, time_ms)?.is_empty();
-    if grant_ids.is_empty() && approval_ids.is_empty() && !jtis_due && !index_due {
-        return Ok(Ok(vec![]));
     }
     Ok(Ok(vec![EventKind::Expired(pb::Expired {
         grant_ids,

@@ -16,7 +16,12 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 pub trait StateRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault>;
     /// Every entry whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
+        self.scan_prefix_first(prefix, usize::MAX)
+    }
+    /// The first `limit` entries whose key starts with `prefix`, in key order.
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize)
+        -> Result<Vec<KeyValue>, StorageFault>;
 }
 
 /// Pending writes (`None` = delete) layered over a base state.
@@ -55,19 +60,29 @@ impl<S: StateRead + ?Sized> StateRead for Overlay<'_, S> {
         }
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            self.base.scan_prefix(prefix)?.into_iter().collect();
-        for (key, value) in self.writes.range(prefix.to_vec()..) {
-            if !key.starts_with(prefix) {
-                break;
-            }
+    fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault> {
+        let pending: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
+            .writes
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect();
+        // Each pending delete can hide one base entry, so read that many more from the base.
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .base
+            .scan_prefix_first(prefix, limit.saturating_add(pending.len()))?
+            .into_iter()
+            .collect();
+        for (key, value) in pending {
             match value {
                 Some(v) => merged.insert(key.clone(), v.clone()),
                 None => merged.remove(key),
             };
         }
-        Ok(merged.into_iter().collect())
+        Ok(merged.into_iter().take(limit).collect())
     }
 }
 
@@ -76,10 +91,15 @@ impl StateRead for BTreeMap<Vec<u8>, Vec<u8>> {
         Ok(BTreeMap::get(self, key).cloned())
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
+    fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault> {
         Ok(self
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }

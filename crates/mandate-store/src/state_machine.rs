@@ -45,8 +45,12 @@ impl StateRead for StateView {
             .map_err(|e| StorageFault(format!("reading the state tree: {e}")))
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageFault> {
-        self.scan(prefix, prefix).collect()
+    fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault> {
+        self.scan(prefix, prefix).take(limit).collect()
     }
 }
 
