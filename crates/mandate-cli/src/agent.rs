@@ -3,14 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use clap::{Args, Subcommand};
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use mandate_client::pb;
 use serde_json::json;
 
+use crate::identity;
 use crate::output::{self, print};
 use crate::{Connection, Failure};
 
@@ -126,16 +125,6 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, Failure> 
         .collect()
 }
 
-fn public_jwk(key: &VerifyingKey) -> pb::Jwk {
-    let x = URL_SAFE_NO_PAD.encode(key.as_bytes());
-    pb::Jwk {
-        kid: mandate_core::validate::jwk_thumbprint(&x),
-        kty: "OKP".into(),
-        crv: "Ed25519".into(),
-        x,
-    }
-}
-
 /// Reads a public key from a JWK JSON file or a PEM (public or private) file.
 fn read_public_key(path: &Path) -> Result<pb::Jwk, Failure> {
     let text = std::fs::read_to_string(path)
@@ -159,10 +148,10 @@ fn read_public_key(path: &Path) -> Result<pb::Jwk, Failure> {
         });
     }
     if let Ok(signing) = SigningKey::from_pkcs8_pem(trimmed) {
-        return Ok(public_jwk(&signing.verifying_key()));
+        return Ok(identity::public_jwk(&signing.verifying_key()));
     }
     VerifyingKey::from_public_key_pem(trimmed)
-        .map(|k| public_jwk(&k))
+        .map(|k| identity::public_jwk(&k))
         .map_err(|_| {
             Failure(format!(
                 "{} is neither a JWK nor a PEM Ed25519 key",
@@ -172,19 +161,11 @@ fn read_public_key(path: &Path) -> Result<pb::Jwk, Failure> {
 }
 
 fn keygen(out: &Path, as_json: bool) -> Result<(), Failure> {
-    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pem = signing
-        .to_pkcs8_pem(Default::default())
-        .map_err(|e| Failure(format!("encoding the private key: {e}")))?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(out)
-        .map_err(|e| Failure(format!("cannot create {}: {e}", out.display())))?;
-    std::io::Write::write_all(&mut file, pem.as_bytes())?;
-    file.sync_all()?;
-    print(&output::jwk(&public_jwk(&signing.verifying_key())), as_json);
+    let signing = identity::write_new_signing_key(out)?;
+    print(
+        &output::jwk(&identity::public_jwk(&signing.verifying_key())),
+        as_json,
+    );
     Ok(())
 }
 

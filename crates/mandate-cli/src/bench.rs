@@ -111,7 +111,7 @@ async fn authorize_world(client: &Client) -> Result<AuthorizeWorld, Failure> {
     let register = pb::RegisterAgentRequest {
         name: format!("bench-agent-{run}"),
         owner: "bench-user".into(),
-        public_keys: vec![identity::public_jwk(&key)],
+        public_keys: vec![identity::public_jwk(&key.verifying_key())],
         ..Default::default()
     };
     let agent = client

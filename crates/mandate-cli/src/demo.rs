@@ -81,7 +81,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         name: format!("demo-agent-{run}"),
         owner: "alice".into(),
         description: "reads team-a secrets for alice".into(),
-        public_keys: vec![identity::public_jwk(&agent_key)],
+        public_keys: vec![identity::public_jwk(&agent_key.verifying_key())],
         ceiling: CEILING.into(),
         ..Default::default()
     };

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mandate_client::{pb, Client};
 use serde_json::json;
@@ -79,8 +79,8 @@ pub fn write_new_signing_key(path: &Path) -> Result<SigningKey, Failure> {
 }
 
 /// The public JWK of a key, with its RFC 7638 thumbprint as `kid`.
-pub fn public_jwk(key: &SigningKey) -> pb::Jwk {
-    let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
+pub fn public_jwk(key: &VerifyingKey) -> pb::Jwk {
+    let x = URL_SAFE_NO_PAD.encode(key.as_bytes());
     pb::Jwk {
         kid: mandate_core::validate::jwk_thumbprint(&x),
         kty: "OKP".into(),
@@ -92,7 +92,7 @@ pub fn public_jwk(key: &SigningKey) -> pb::Jwk {
 fn sign(key: &SigningKey, claims: &serde_json::Value) -> Result<String, Failure> {
     let der = key.to_pkcs8_der().map_err(|e| Failure(e.to_string()))?;
     let mut header = Header::new(Algorithm::EdDSA);
-    header.kid = Some(public_jwk(key).kid);
+    header.kid = Some(public_jwk(&key.verifying_key()).kid);
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(der.as_bytes()))
         .map_err(|e| Failure(e.to_string()))
 }
@@ -139,7 +139,7 @@ pub fn dev_user_token(issuer_key: &SigningKey, user: &str, ttl_s: u64) -> Result
 
 /// The JWKS publishing one Ed25519 key.
 pub fn jwks_of(key: &SigningKey) -> String {
-    let jwk = public_jwk(key);
+    let jwk = public_jwk(&key.verifying_key());
     json!({ "keys": [{ "kty": "OKP", "crv": "Ed25519", "x": jwk.x, "kid": jwk.kid, "alg": "EdDSA", "use": "sig" }] }).to_string()
 }
 

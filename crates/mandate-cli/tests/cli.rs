@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{stderr, DevCluster};
+use common::{refused, stderr, DevCluster};
 
 fn count_agents(c: &DevCluster) -> usize {
     let listed = c.json(
@@ -11,25 +11,6 @@ fn count_agents(c: &DevCluster) -> usize {
         &["agent", "list", "--page-size", "1000"],
     );
     listed["agents"].as_array().expect("agents").len()
-}
-
-fn refused(c: &DevCluster, args: &[&str], code: &str, needle: &str) {
-    let out = c.mandate(args);
-    assert!(!out.status.success(), "mandate {args:?} succeeded");
-    let err = stderr(&out);
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "stderr is not one line: {err}"
-    );
-    assert!(
-        err.contains(code),
-        "mandate {args:?}: expected {code}, got {err}"
-    );
-    assert!(
-        err.contains(needle),
-        "mandate {args:?}: expected {needle:?} in {err}"
-    );
 }
 
 #[test]

@@ -2,22 +2,7 @@
 
 mod common;
 
-use common::{stderr, DevCluster, World};
-
-fn refused(c: &DevCluster, args: &[&str], code: &str, needle: &str) {
-    let out = c.mandate(args);
-    assert!(!out.status.success(), "mandate {args:?} succeeded");
-    let err = stderr(&out);
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "stderr is not one line: {err}"
-    );
-    assert!(
-        err.contains(code) && err.contains(needle),
-        "mandate {args:?}: expected {code} and {needle:?}, got {err}"
-    );
-}
+use common::{refused, DevCluster, World};
 
 fn as_refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()

@@ -371,3 +371,19 @@ pub fn base64_url(bytes: &[u8]) -> String {
 pub fn client_at(addr: &str, token: &str) -> mandate_client::Client {
     mandate_client::Client::new(&[addr.to_owned()], Some(token)).expect("client")
 }
+
+/// Runs a command that must fail with one line on stderr naming `code` and containing `needle`.
+pub fn refused(c: &DevCluster, args: &[&str], code: &str, needle: &str) {
+    let out = c.mandate(args);
+    assert!(!out.status.success(), "mandate {args:?} succeeded");
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "stderr is not one line: {err}"
+    );
+    assert!(
+        err.contains(code) && err.contains(needle),
+        "mandate {args:?}: expected {code} and {needle:?}, got {err}"
+    );
+}
