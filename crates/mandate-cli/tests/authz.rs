@@ -237,4 +237,21 @@ fn a_replayed_assertion_is_refused_cluster_wide() {
         let err = again.expect_err("a replayed assertion was accepted");
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     }
+
+    // Other agent calls spend their assertion too: completing with a replayed one is refused.
+    let grant = first.expect("authorized").grant.expect("a grant").id;
+    let complete = pb::GrantIdRequest {
+        grant_id: grant,
+        agent_assertion: world.assertion(),
+        user_token: String::new(),
+    };
+    let call = |addr: &str| {
+        rt.block_on(client_at(addr, &c.token).authz(|mut a| {
+            let r = complete.clone();
+            async move { a.complete(r).await }
+        }))
+    };
+    call(&c.addrs[0]).expect("the first completion is accepted");
+    let replayed = call(&c.addrs[2]).expect_err("a replayed completion assertion was accepted");
+    assert_eq!(replayed.code(), Code::Unauthenticated, "{replayed}");
 }

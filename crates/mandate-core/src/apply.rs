@@ -161,6 +161,39 @@ pub fn decide(
         Ok(p) => p,
         Err(e) => return Ok(Err(e)),
     };
+    if let (Actor::Agent(agent), false) = (&principal, matches!(kind, CommandKind::Authorize(_))) {
+        // Every agent command spends its assertion's jti; authorizations record theirs in
+        // their own decision event.
+        if command.assertion_jti.is_empty()
+            || state
+                .get(&keys::jti(&agent.id, &command.assertion_jti))?
+                .is_some()
+        {
+            return Ok(Err(DomainError::unauthenticated(
+                "the client assertion's jti is missing or was already used (replay)",
+            )));
+        }
+        let decided = decide_for(state, engine, kind, principal, time_ms)?;
+        return Ok(decided.map(|mut events| {
+            events.push(EventKind::AssertionUsed(pb::AssertionUsed {
+                agent: command.agent.clone(),
+                jti: command.assertion_jti.clone(),
+                expires_ms: command.assertion_expires_ms,
+            }));
+            events
+        }));
+    }
+    decide_for(state, engine, kind, principal, time_ms)
+}
+
+/// Dispatches a command whose principal is established.
+fn decide_for(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    kind: &CommandKind,
+    principal: Actor,
+    time_ms: u64,
+) -> Result<Decision, StorageFault> {
     match kind {
         CommandKind::PutIssuer(c) => return Ok(authz::put_issuer(&principal, c)),
         CommandKind::DeleteIssuer(c) => return authz::delete_issuer(state, &principal, c),

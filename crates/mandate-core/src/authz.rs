@@ -1470,6 +1470,13 @@ pub fn materialize<S: StateRead + ?Sized>(
                 state.delete(key);
             }
         }
+        EventKind::AssertionUsed(e) => {
+            state.put(
+                keys::jti(&e.agent, &e.jti),
+                e.expires_ms.to_be_bytes().to_vec(),
+            );
+            state.put(keys::jti_expiry(e.expires_ms, &e.agent, &e.jti), vec![]);
+        }
         EventKind::SecretWritten(e) => {
             state.put_message(
                 keys::secret_version(&e.path, e.version),

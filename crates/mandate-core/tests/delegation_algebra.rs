@@ -254,6 +254,8 @@ proptest! {
                 ..Default::default()
             }));
             sub.agent = holder.agent.clone();
+            sub.assertion_jti = format!("jti-{child}");
+            sub.assertion_expires_ms = 60_000;
             let result = apply(&mut state, &mut engine, index, sub);
             prop_assert!(ok(&result), "{result:?}");
             ids.push(id);

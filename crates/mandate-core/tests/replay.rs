@@ -306,12 +306,19 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
     } else {
         String::new()
     };
+    let assertion_jti = if principal_agent.is_empty() {
+        String::new()
+    } else {
+        format!("jti-c{n}")
+    };
     pb::Command {
         request_id: format!("req-{n}"),
         time_ms,
         operator_token_id: operator,
         user: principal_user,
         agent: principal_agent,
+        assertion_jti,
+        assertion_expires_ms: time_ms + 60_000,
         kind: Some(kind),
     }
 }

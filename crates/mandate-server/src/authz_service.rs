@@ -107,9 +107,7 @@ impl AuthzService {
             return Ok(Principal::User(self.user(user_token).await?));
         }
         if !agent_assertion.is_empty() {
-            return Ok(Principal::Agent(
-                self.agent(agent_assertion).await?.agent.id,
-            ));
+            return Ok(Principal::agent(self.agent(agent_assertion).await?));
         }
         let token = auth::operator(&self.node, metadata).await?;
         Ok(Principal::Operator(token.id))
@@ -336,7 +334,7 @@ impl Authz for AuthzService {
         let r = request.into_inner();
         let principal = match (r.user_token.is_empty(), r.agent_assertion.is_empty()) {
             (false, true) => Principal::User(self.user(&r.user_token).await?),
-            (true, false) => Principal::Agent(self.agent(&r.agent_assertion).await?.agent.id),
+            (true, false) => Principal::agent(self.agent(&r.agent_assertion).await?),
             _ => return Err(domain(DomainError::unauthenticated("give exactly one of user_token (a user delegates) or agent_assertion (an agent re-delegates)"))),
         };
         let command = pb::CreateDelegation {
@@ -475,12 +473,13 @@ impl Authz for AuthzService {
             audience: r.audience,
         };
         authz::authorize_shape(&command).map_err(domain)?;
-        let (applied, index) = submit_as(
-            &self.node,
-            Principal::Agent(agent.agent.id),
-            Kind::Authorize(command),
-        )
-        .await?;
+        // The authorization records the jti in its own decision event.
+        let principal = Principal::Agent {
+            id: agent.agent.id,
+            jti: String::new(),
+            expires_ms: 0,
+        };
+        let (applied, index) = submit_as(&self.node, principal, Kind::Authorize(command)).await?;
         let decided = applied
             .decision
             .ok_or_else(|| Status::internal("apply returned no decision"))?;
@@ -600,12 +599,8 @@ impl Authz for AuthzService {
     ) -> Result<Response<GrantResponse>, Status> {
         let r = request.into_inner();
         let agent = self.agent(&r.agent_assertion).await?;
-        self.end(
-            Principal::Agent(agent.agent.id),
-            r.grant_id,
-            pb::GrantEnd::Complete,
-        )
-        .await
+        self.end(Principal::agent(agent), r.grant_id, pb::GrantEnd::Complete)
+            .await
     }
 
     async fn revoke_grant(

@@ -65,8 +65,25 @@ pub enum ServerError {
 pub(crate) enum Principal {
     Operator(String),
     User(String),
-    Agent(String),
+    /// An agent, with the jti its command spends (empty for authorizations, which spend it
+    /// themselves).
+    Agent {
+        id: String,
+        jti: String,
+        expires_ms: u64,
+    },
     Bearer,
+}
+
+impl Principal {
+    /// The principal of an agent authenticated by a client assertion.
+    pub(crate) fn agent(verified: crate::tokens::VerifiedAgent) -> Self {
+        Principal::Agent {
+            id: verified.agent.id,
+            jti: verified.jti,
+            expires_ms: verified.expires_ms,
+        }
+    }
 }
 
 /// Proposes one command as the given operator and returns what apply made of it.
@@ -91,7 +108,15 @@ pub(crate) async fn submit_as(
     match principal {
         Principal::Operator(id) => command.operator_token_id = id,
         Principal::User(id) => command.user = id,
-        Principal::Agent(id) => command.agent = id,
+        Principal::Agent {
+            id,
+            jti,
+            expires_ms,
+        } => {
+            command.agent = id;
+            command.assertion_jti = jti;
+            command.assertion_expires_ms = expires_ms;
+        }
         Principal::Bearer => {}
     }
     let result = node

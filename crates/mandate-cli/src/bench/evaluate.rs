@@ -146,6 +146,8 @@ pub fn run(iterations: u64, as_json: bool) -> Result<(), Failure> {
     apply(&mut state, &mut engine, next(), root.clone())?;
     root.user.clear();
     root.agent = format!("agt_{:032x}", 0);
+    root.assertion_jti = "bench-jti".into();
+    root.assertion_expires_ms = 60_000;
     root.kind = Some(Kind::CreateDelegation(pb::CreateDelegation {
         delegation_id: "dlg_sub".into(),
         parent_id: "dlg_root".into(),
