@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mandate_server::config::{PeerConfig, RaftConfig};
+use mandate_server::config::{GrantConfig, PeerConfig, RaftConfig};
 use mandate_server::NodeConfig;
 
 use crate::Failure;
@@ -86,6 +86,7 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
                 join: None,
                 join_token: None,
                 kek_file: None,
+                grants: GrantConfig::default(),
                 raft: RaftConfig::default(),
             }
         }

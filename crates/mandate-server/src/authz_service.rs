@@ -13,6 +13,7 @@ use mandate_proto::v1::*;
 use mandate_raft::{Node, ReadConsistency};
 use tonic::{Request, Response, Status};
 
+use crate::config::GrantConfig;
 use crate::registry_service::check_size;
 use crate::server::{submit, submit_as, Principal};
 use crate::tokens::{self, Signer};
@@ -25,6 +26,7 @@ pub const APPROVAL_WAIT_MS_MAX: u64 = 60_000;
 pub struct AuthzService {
     node: Arc<Node>,
     signer: Arc<Signer>,
+    grants: GrantConfig,
 }
 
 fn domain(e: DomainError) -> Status {
@@ -40,8 +42,34 @@ fn now_ms() -> u64 {
 }
 
 impl AuthzService {
-    pub fn new(node: Arc<Node>, signer: Arc<Signer>) -> Self {
-        AuthzService { node, signer }
+    pub fn new(node: Arc<Node>, signer: Arc<Signer>, grants: GrantConfig) -> Self {
+        AuthzService {
+            node,
+            signer,
+            grants,
+        }
+    }
+
+    /// The grant lifetime and uses to ask apply for, within this node's configured limits.
+    fn grant_terms(&self, ttl_seconds: u64, uses: u32) -> Result<(u64, u32), Status> {
+        let ttl = if ttl_seconds == 0 {
+            self.grants.ttl_s_default
+        } else {
+            ttl_seconds
+        };
+        if ttl > self.grants.ttl_s_max {
+            return Err(domain(DomainError::invalid(
+                "ttl_seconds",
+                format!("is at most {} on this cluster", self.grants.ttl_s_max),
+            )));
+        }
+        if uses > self.grants.uses_max {
+            return Err(domain(DomainError::invalid(
+                "uses",
+                format!("is at most {} on this cluster", self.grants.uses_max),
+            )));
+        }
+        Ok((ttl * 1000, uses))
     }
 
     fn cluster_id(&self) -> Result<String, Status> {
@@ -458,13 +486,14 @@ impl Authz for AuthzService {
         check_size(request.get_ref())?;
         let r = request.into_inner();
         let agent = self.agent(&r.agent_assertion).await?;
+        let (ttl_ms, uses) = self.grant_terms(r.ttl_seconds, r.uses)?;
         let command = pb::Authorize {
             delegation_id: r.delegation_id,
             action: r.action,
             resource: r.resource,
             request_context: r.context.into_iter().collect::<BTreeMap<_, _>>(),
-            ttl_ms: r.ttl_seconds.saturating_mul(1000),
-            uses: r.uses,
+            ttl_ms,
+            uses,
             assertion_kid: agent.kid,
             assertion_jti: agent.jti,
             assertion_expires_ms: agent.expires_ms,

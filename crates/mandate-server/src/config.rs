@@ -50,6 +50,29 @@ impl From<&RaftConfig> for RaftTiming {
     }
 }
 
+/// Limits on the grants this node issues. The cluster-wide hard limits (15 minutes, 100 uses)
+/// are enforced by apply; these may only be tighter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrantConfig {
+    /// Lifetime of a grant when the agent asks for none.
+    pub ttl_s_default: u64,
+    /// Longest lifetime an agent may ask for.
+    pub ttl_s_max: u64,
+    /// Most uses an agent may ask for (a grant has 1 use unless it asks).
+    pub uses_max: u32,
+}
+
+impl Default for GrantConfig {
+    fn default() -> Self {
+        GrantConfig {
+            ttl_s_default: mandate_core::authz::GRANT_TTL_MS_DEFAULT / 1000,
+            ttl_s_max: mandate_core::authz::GRANT_TTL_MS_MAX / 1000,
+            uses_max: mandate_core::authz::GRANT_USES_MAX,
+        }
+    }
+}
+
 /// The configuration of one node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +98,8 @@ pub struct NodeConfig {
     /// Without one the node cannot sign grants or seal secrets.
     #[serde(default)]
     pub kek_file: Option<PathBuf>,
+    #[serde(default)]
+    pub grants: GrantConfig,
     #[serde(default)]
     pub raft: RaftConfig,
 }
@@ -161,6 +186,27 @@ impl NodeConfig {
                 });
             }
         }
+        let hard = GrantConfig::default();
+        let g = &self.grants;
+        if g.ttl_s_max == 0
+            || g.ttl_s_max > hard.ttl_s_max
+            || g.ttl_s_default == 0
+            || g.ttl_s_default > g.ttl_s_max
+        {
+            return Err(ConfigError::Invalid {
+                key: "grants",
+                message: format!(
+                    "need 1 <= ttl_s_default <= ttl_s_max <= {} (got {} and {})",
+                    hard.ttl_s_max, g.ttl_s_default, g.ttl_s_max
+                ),
+            });
+        }
+        if g.uses_max == 0 || g.uses_max > hard.uses_max {
+            return Err(ConfigError::Invalid {
+                key: "grants",
+                message: format!("uses_max must be between 1 and {}", hard.uses_max),
+            });
+        }
         RaftTiming::from(&self.raft)
             .to_config()
             .map_err(|message| ConfigError::Invalid {
@@ -185,6 +231,7 @@ mod tests {
             join: None,
             join_token: None,
             kek_file: None,
+            grants: GrantConfig::default(),
             raft: RaftConfig::default(),
         }
     }
@@ -220,6 +267,26 @@ mod tests {
             .expect_err("no port")
             .to_string()
             .contains("client_addr"));
+    }
+
+    #[test]
+    fn grant_limits_may_only_tighten_the_cluster_limits() {
+        let mut c = config();
+        c.grants.ttl_s_max = 3600;
+        assert!(c
+            .validate()
+            .expect_err("too long")
+            .to_string()
+            .contains("grants"));
+        let mut c = config();
+        c.grants.ttl_s_default = 120;
+        c.grants.ttl_s_max = 60;
+        assert!(c.validate().is_err());
+        let mut c = config();
+        c.grants.uses_max = 5;
+        c.grants.ttl_s_max = 30;
+        c.grants.ttl_s_default = 10;
+        c.validate().expect("tighter limits are fine");
     }
 
     #[test]

@@ -191,8 +191,12 @@ pub async fn run(
             .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            AuthzServer::new(AuthzService::new(node.clone(), signer.clone()))
-                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+            AuthzServer::new(AuthzService::new(
+                node.clone(),
+                signer.clone(),
+                config.grants.clone(),
+            ))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         );
     // TCP_NODELAY: a response written in several frames must not wait for the peer's delayed
     // ACK (Nagle), which adds about 40 ms to every small request.
