@@ -904,6 +904,44 @@ pub async fn put_issuer(client: &Client, issuer: pb::TrustedIssuer) -> Result<()
     Ok(())
 }
 
+/// Trusts a freshly generated issuer named `<label>-<run>` (iss `mandate-<label>-<run>`,
+/// aud `mandate`); returns its signing key and `iss`.
+pub async fn trust_new_issuer(
+    client: &Client,
+    label: &str,
+    run: &str,
+) -> Result<(ed25519_dalek::SigningKey, String), Failure> {
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let issuer = format!("mandate-{label}-{run}");
+    put_issuer(
+        client,
+        pb::TrustedIssuer {
+            name: format!("{label}-{run}"),
+            issuer: issuer.clone(),
+            audience: "mandate".into(),
+            jwks_json: identity::jwks_of(&key),
+            leeway_s: 30,
+        },
+    )
+    .await?;
+    Ok((key, issuer))
+}
+
+/// Stores (or replaces) a policy document.
+pub async fn put_policy(client: &Client, name: &str, text: &str) -> Result<(), Failure> {
+    let policy = pb::PutPolicyRequest {
+        name: name.into(),
+        text: text.into(),
+    };
+    client
+        .authz(|mut c| {
+            let r = policy.clone();
+            async move { c.put_policy(r).await }
+        })
+        .await?;
+    Ok(())
+}
+
 /// The development issuer, trusting `key`.
 pub fn dev_issuer(key: &ed25519_dalek::SigningKey) -> pb::TrustedIssuer {
     pb::TrustedIssuer {

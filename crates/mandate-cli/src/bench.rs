@@ -84,29 +84,8 @@ struct AuthorizeWorld {
 
 async fn authorize_world(client: &Client) -> Result<AuthorizeWorld, Failure> {
     let run = hex::encode(rand::random::<[u8; 4]>());
-    let idp = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    let issuer = format!("mandate-bench-{run}");
-    crate::authz_cli::put_issuer(
-        client,
-        pb::TrustedIssuer {
-            name: format!("bench-{run}"),
-            issuer: issuer.clone(),
-            audience: "mandate".into(),
-            jwks_json: identity::jwks_of(&idp),
-            leeway_s: 30,
-        },
-    )
-    .await?;
-    let policy = pb::PutPolicyRequest {
-        name: "bench".into(),
-        text: BENCH_POLICY.into(),
-    };
-    client
-        .authz(|mut c| {
-            let r = policy.clone();
-            async move { c.put_policy(r).await }
-        })
-        .await?;
+    let (idp, issuer) = crate::authz_cli::trust_new_issuer(client, "bench", &run).await?;
+    crate::authz_cli::put_policy(client, "bench", BENCH_POLICY).await?;
     let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
     let register = pb::RegisterAgentRequest {
         name: format!("bench-agent-{run}"),

@@ -5,7 +5,7 @@
 use clap::Args;
 use mandate_client::{pb, ClientError};
 
-use crate::authz_cli::{decision_json, put_issuer};
+use crate::authz_cli::{decision_json, put_policy, trust_new_issuer};
 use crate::identity::{self, agent_assertion};
 use crate::{Connection, Failure};
 
@@ -50,29 +50,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         1,
         "Trust a demo identity provider and write the cluster policy",
     );
-    let idp = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    let issuer = format!("mandate-demo-{run}");
-    put_issuer(
-        &client,
-        pb::TrustedIssuer {
-            name: format!("demo-{run}"),
-            issuer: issuer.clone(),
-            audience: "mandate".into(),
-            jwks_json: identity::jwks_of(&idp),
-            leeway_s: 30,
-        },
-    )
-    .await?;
-    let policy = pb::PutPolicyRequest {
-        name: "demo".into(),
-        text: POLICY.into(),
-    };
-    client
-        .authz(|mut c| {
-            let r = policy.clone();
-            async move { c.put_policy(r).await }
-        })
-        .await?;
+    let (idp, issuer) = trust_new_issuer(&client, "demo", &run).await?;
+    put_policy(&client, "demo", POLICY).await?;
     println!("    issuer {issuer}; policy \"demo\":\n{POLICY}");
 
     step(2, "Register an agent with a fresh key and a ceiling");
