@@ -739,8 +739,14 @@ pub struct SecretCommand {
 
 #[derive(Subcommand, Debug)]
 enum SecretSub {
-    /// Write a new version of a secret (operators).
-    Put { path: String, value: String },
+    /// Write a new version of a secret (operators, or a user the policies permit `write`).
+    Put {
+        path: String,
+        value: String,
+        /// Write as this user (a user JWT) instead of with the operator token.
+        #[arg(long)]
+        user_token: Option<String>,
+    },
     /// Read a secret with a grant token for `read` on exactly that path (uses the grant).
     Read {
         path: String,
@@ -753,10 +759,15 @@ pub async fn secret(cmd: SecretCommand) -> Result<(), Failure> {
     let as_json = cmd.connection.json;
     let client = cmd.connection.client()?;
     match cmd.command {
-        SecretSub::Put { path, value } => {
+        SecretSub::Put {
+            path,
+            value,
+            user_token,
+        } => {
             let request = pb::PutSecretRequest {
                 path,
                 value: value.into_bytes(),
+                user_token: user_token.unwrap_or_default(),
             };
             let r = client
                 .authz(|mut c| {

@@ -79,6 +79,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let put = pb::PutSecretRequest {
         path: "secret/team-a/db-password".into(),
         value: value.clone().into_bytes(),
+        ..Default::default()
     };
     let written = client
         .authz(|mut c| {

@@ -222,7 +222,9 @@ fn decide_for(
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
         CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
-        CommandKind::PutSecret(c) => return authz::put_secret(state, &principal, c, time_ms),
+        CommandKind::PutSecret(c) => {
+            return authz::put_secret(state, engine, &principal, c, time_ms)
+        }
         _ => {}
     }
     let Actor::Operator(actor) = principal else {

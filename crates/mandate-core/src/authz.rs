@@ -693,8 +693,10 @@ pub fn evaluate(
         approved: req.approved,
     };
     let mut policy_ids = Vec::new();
-    let agent_refs: Vec<&pb::Agent> = chain_agents.iter().collect();
-    let prepared = match policy::Prepared::new(&agent_refs, req.action, req.resource, &ctx) {
+    let prepared = engine
+        .chain_entities(&chain_agents)
+        .and_then(|agents| policy::Prepared::new(agents, req.action, req.resource, &ctx));
+    let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
             return Ok(deny(
@@ -1204,14 +1206,46 @@ pub fn expire(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<Decided
 
 // ---------------------------------------------------------------- secrets
 
+/// Operators write any secret; a user writes one when the cluster policies permit the user
+/// `write` on its path.
 pub fn put_secret(
     state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
     actor: &Actor,
     c: &pb::PutSecret,
     time_ms: u64,
 ) -> Result<Decided, StorageFault> {
-    if let Err(e) = require_operator(actor).and_then(|_| validate::secret_path(&c.path)) {
+    if let Err(e) = validate::secret_path(&c.path) {
         return refuse(e);
+    }
+    match actor {
+        Actor::Operator(_) => {}
+        Actor::User(user) => {
+            let set = engine.cluster_policies(state, || policy::documents(state))?;
+            let subject = Subject::User(user);
+            let ctx = DecisionContext {
+                time_ms,
+                ..Default::default()
+            };
+            let verdict =
+                policy::evaluate(set.for_subject(&subject), &subject, "write", &c.path, &ctx);
+            if !verdict.allowed {
+                let why = if verdict.policy_ids.is_empty() {
+                    "no policy permits it".to_owned()
+                } else {
+                    format!("forbidden by {}", verdict.policy_ids.join(", "))
+                };
+                return refuse(DomainError::denied(
+                    "path",
+                    format!("user {user} is not permitted to write {} ({why})", c.path),
+                ));
+            }
+        }
+        _ => {
+            return refuse(DomainError::unauthenticated(
+                "secrets are written with an operator token or a user token",
+            ))
+        }
     }
     if c.sealed_value.is_empty() || c.sealed_value.len() > SECRET_BYTES_MAX {
         return refuse(DomainError::invalid(

@@ -373,21 +373,27 @@ fn context(ctx: &DecisionContext) -> Result<Context, String> {
     .map_err(|e| e.to_string())
 }
 
-fn resource_entities(resource: &str) -> Vec<Entity> {
-    let segments: Vec<&str> = resource.split('/').collect();
-    (1..=segments.len())
-        .map(|n| {
-            let path = segments[..n].join("/");
-            let parents = if n > 1 {
-                HashSet::from([uid("Resource", &segments[..n - 1].join("/"))])
-            } else {
-                HashSet::new()
-            };
-            Entity::new_no_attrs(uid("Resource", &path), parents)
-        })
-        .collect()
+/// The resource as one entity whose parents are all its path prefixes, already closed under
+/// `in`: `secret/team-a/db` is in `secret/team-a` and in `secret`. The prefixes need no entities
+/// of their own (resources carry no attributes), which keeps Cedar's transitive closure trivial.
+fn resource_entity(resource: &str) -> Entity {
+    let parents = resource
+        .match_indices('/')
+        .map(|(at, _)| uid("Resource", &resource[..at]))
+        .collect();
+    Entity::new_no_attrs(uid("Resource", resource), parents)
 }
 
+/// The agents as Cedar entities.
+pub fn agent_entities(agents: &[&pb::Agent]) -> Result<Entities, String> {
+    let entities = agents
+        .iter()
+        .map(|a| agent_entity(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Entities::from_entities(entities, None).map_err(|e| e.to_string())
+}
+
+/// The agent as a Cedar entity with its registry attributes.
 fn agent_entity(agent: &pb::Agent) -> Result<Entity, String> {
     let labels: Vec<String> = agent
         .labels
@@ -426,23 +432,21 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares `action` on `resource` for users and the given agents.
+    /// Prepares `action` on `resource` for users and the given agents (see [`agent_entities`]).
     pub fn new(
-        agents: &[&pb::Agent],
+        agents: Entities,
         action: &str,
         resource: &str,
         ctx: &DecisionContext,
     ) -> Result<Self, String> {
         // Users carry no attributes or parents, so they need no entity: Cedar treats a
         // principal without one exactly as one with no attributes and no ancestors.
-        let mut entities: Vec<Entity> = resource_entities(resource);
-        for agent in agents {
-            entities.push(agent_entity(agent)?);
-        }
         // Every policy was validated against the schema when it was written, and these
         // entities are built here to the schema's shape, so evaluation skips re-validation.
         Ok(Prepared {
-            entities: Entities::from_entities(entities, None).map_err(|e| e.to_string())?,
+            entities: agents
+                .add_entities([resource_entity(resource)], None)
+                .map_err(|e| e.to_string())?,
             action: uid("Action", action),
             resource: uid("Resource", resource),
             context: context(ctx)?,
@@ -507,8 +511,10 @@ pub fn evaluate(
     ctx: &DecisionContext,
 ) -> Verdict {
     let prepared = match subject {
-        Subject::User(_) => Prepared::new(&[], action, resource, ctx),
-        Subject::Agent(agent) => Prepared::new(&[agent], action, resource, ctx),
+        Subject::User(_) => Prepared::new(Entities::empty(), action, resource, ctx),
+        Subject::Agent(agent) => {
+            agent_entities(&[agent]).and_then(|agents| Prepared::new(agents, action, resource, ctx))
+        }
     };
     match prepared {
         Ok(p) => p.evaluate(set, subject),
@@ -526,6 +532,7 @@ pub fn evaluate(
 pub struct Engine {
     cluster: Option<(u64, Arc<PolicyIndex>)>,
     ceilings: HashMap<String, (u64, Option<Arc<PolicyIndex>>)>,
+    chains: HashMap<Vec<(String, u64)>, Entities>,
 }
 
 /// Most agent ceilings kept parsed at once.
@@ -572,6 +579,21 @@ impl Engine {
         let index = Arc::new(PolicyIndex::new(&set).map_err(StorageFault)?);
         self.cluster = Some((version, index.clone()));
         Ok(index)
+    }
+
+    /// The agents of a delegation chain as Cedar entities, built once per chain and agent
+    /// record versions.
+    pub fn chain_entities(&mut self, agents: &[pb::Agent]) -> Result<Entities, String> {
+        let key: Vec<(String, u64)> = agents.iter().map(|a| (a.id.clone(), a.version)).collect();
+        if let Some(entities) = self.chains.get(&key) {
+            return Ok(entities.clone());
+        }
+        let entities = agent_entities(&agents.iter().collect::<Vec<_>>())?;
+        if self.chains.len() >= CEILING_CACHE_MAX {
+            self.chains.clear();
+        }
+        self.chains.insert(key, entities.clone());
+        Ok(entities)
     }
 
     /// The agent's ceiling, or `None` when it has none.
@@ -712,8 +734,8 @@ permit(principal is Agent, action, resource) when { context.delegation.depth <= 
         ] {
             for action in ["read", "delete", "list"] {
                 for resource in ["secret/team-a/db", "secret/other"] {
-                    let prepared =
-                        Prepared::new(&[&agent], action, resource, &ctx).expect("prepare");
+                    let agents = agent_entities(&[&agent]).expect("entities");
+                    let prepared = Prepared::new(agents, action, resource, &ctx).expect("prepare");
                     assert_eq!(
                         prepared.evaluate(&whole, &subject),
                         prepared.evaluate_indexed(&index, &subject)

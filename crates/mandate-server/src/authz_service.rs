@@ -710,8 +710,10 @@ impl Authz for AuthzService {
         &self,
         request: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
         check_size(request.get_ref())?;
+        let principal = self
+            .principal(request.metadata(), &request.get_ref().user_token, "")
+            .await?;
         let r = request.into_inner();
         validate::secret_path(&r.path).map_err(domain)?;
         if r.value.is_empty() {
@@ -724,9 +726,9 @@ impl Authz for AuthzService {
             ))
         })?;
         let sealed = kek.seal(&secret_purpose(&r.path), &r.value);
-        let (applied, index) = submit(
+        let (applied, index) = submit_as(
             &self.node,
-            &token,
+            principal,
             Kind::PutSecret(pb::PutSecret {
                 path: r.path.clone(),
                 sealed_value: sealed,

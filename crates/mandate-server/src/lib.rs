@@ -9,6 +9,7 @@ pub mod auth;
 pub mod authz_service;
 pub mod cluster_service;
 pub mod config;
+pub mod http;
 pub mod registry_service;
 pub mod sealing;
 pub mod server;

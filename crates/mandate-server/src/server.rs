@@ -15,6 +15,7 @@ use mandate_proto::v1::{AddLearnerRequest, Member as MemberMsg};
 use mandate_raft::peer_service::PeerService;
 use mandate_raft::{Member, Node, RaftTiming, PEER_MESSAGE_BYTES_MAX};
 use tokio::sync::watch;
+use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::Status;
@@ -22,6 +23,7 @@ use tonic::Status;
 use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
+use crate::http;
 use crate::registry_service::RegistryService;
 use crate::sealing::Kek;
 use crate::tokens::Signer;
@@ -177,27 +179,29 @@ pub async fn run(
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
-    let client = Server::builder()
-        .add_service(
-            AgentRegistryServer::new(RegistryService::new(node.clone()))
-                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
-            ClusterServer::new(ClusterService::new(
-                node.clone(),
-                config.clone(),
-                signer.clone(),
-            ))
+    let grpc = Routes::new(
+        AgentRegistryServer::new(RegistryService::new(node.clone()))
             .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
-            AuthzServer::new(AuthzService::new(
-                node.clone(),
-                signer.clone(),
-                config.grants.clone(),
-            ))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
-        );
+    )
+    .add_service(
+        ClusterServer::new(ClusterService::new(
+            node.clone(),
+            config.clone(),
+            signer.clone(),
+        ))
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+    )
+    .add_service(
+        AuthzServer::new(AuthzService::new(
+            node.clone(),
+            signer.clone(),
+            config.grants.clone(),
+        ))
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+    );
+    let routes = Routes::from(grpc.into_axum_router().merge(http::routes(node.clone())));
+    // HTTP/1.1 beside gRPC on the same port, for the JWKS document and the probes.
+    let client = Server::builder().accept_http1(true).add_routes(routes);
     // TCP_NODELAY: a response written in several frames must not wait for the peer's delayed
     // ACK (Nagle), which adds about 40 ms to every small request.
     let incoming = |listener| TcpIncoming::from(listener).with_nodelay(Some(true));

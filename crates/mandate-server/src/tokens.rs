@@ -367,11 +367,30 @@ fn issuers(state: &(impl StateRead + ?Sized)) -> Result<Vec<pb::TrustedIssuer>, 
         .collect()
 }
 
+/// The signature algorithm a user-token key is for: its `alg` when it names an asymmetric one
+/// of its key type, otherwise RS256 for RSA, ES256/ES384 by curve, EdDSA for Ed25519.
 fn algorithm_for(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::{EllipticCurve, KeyAlgorithm as K};
+    let declared = jwk.common.key_algorithm;
     match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
-        AlgorithmParameters::EllipticCurve(_) => Some(Algorithm::ES256),
-        AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+        AlgorithmParameters::RSA(_) => match declared {
+            None | Some(K::RS256) => Some(Algorithm::RS256),
+            Some(K::RS384) => Some(Algorithm::RS384),
+            Some(K::RS512) => Some(Algorithm::RS512),
+            Some(K::PS256) => Some(Algorithm::PS256),
+            Some(K::PS384) => Some(Algorithm::PS384),
+            Some(K::PS512) => Some(Algorithm::PS512),
+            Some(_) => None,
+        },
+        AlgorithmParameters::EllipticCurve(ec) => match (&ec.curve, declared) {
+            (EllipticCurve::P256, None | Some(K::ES256)) => Some(Algorithm::ES256),
+            (EllipticCurve::P384, None | Some(K::ES384)) => Some(Algorithm::ES384),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(okp) => match (&okp.curve, declared) {
+            (EllipticCurve::Ed25519, None | Some(K::EdDSA)) => Some(Algorithm::EdDSA),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -384,7 +403,7 @@ pub fn check_jwks(jwks_json: &str) -> Result<(), DomainError> {
         algorithm_for(key).ok_or_else(|| {
             DomainError::invalid(
                 &format!("issuer.jwks_json.keys[{i}]"),
-                "is not an RSA, EC or OKP key",
+                "is not an RSA (RS*/PS*), EC (P-256/P-384) or Ed25519 signing key",
             )
         })?;
         DecodingKey::from_jwk(key).map_err(|e| {
