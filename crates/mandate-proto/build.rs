@@ -7,7 +7,7 @@ fn main() -> std::io::Result<()> {
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let files: Vec<_> = [
-        "state", "commands", "events", "registry", "cluster", "raft", "authz",
+        "state", "commands", "events", "registry", "cluster", "raft", "authz", "audit",
     ]
     .iter()
     .map(|name| root.join(format!("mandate/v1/{name}.proto")))

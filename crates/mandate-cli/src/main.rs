@@ -1,6 +1,7 @@
 //! `mandate`: run a node (`server`), a local cluster (`dev`), and every admin command.
 
 mod agent;
+mod audit;
 mod authz_cli;
 mod bench;
 mod cluster;
@@ -58,6 +59,8 @@ enum Command {
     Keys(authz_cli::KeysCommand),
     /// Trusted issuers of user tokens.
     Issuer(authz_cli::IssuerCommand),
+    /// Read, follow and verify the audit trail.
+    Audit(audit::AuditCommand),
     /// Run the product story against the cluster in MANDATE_ADDR.
     Demo(demo::DemoArgs),
 }
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             Command::Secret(c) => authz_cli::secret(c).await,
             Command::Keys(c) => authz_cli::keys(c).await,
             Command::Issuer(c) => authz_cli::issuer(c).await,
+            Command::Audit(c) => audit::run(c).await,
             Command::Demo(c) => demo::run(c).await,
         }
     });

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mandate_proto::v1::agent_registry_client::AgentRegistryClient;
+use mandate_proto::v1::audit_client::AuditClient;
 use mandate_proto::v1::authz_client::AuthzClient;
 use mandate_proto::v1::cluster_client::ClusterClient;
 use tonic::codegen::InterceptedService;
@@ -60,7 +61,8 @@ impl ClientError {
         }
     }
 
-    fn from_status(status: &Status) -> Self {
+    /// The error a status from a node stands for (as returned by a streaming call).
+    pub fn from_status(status: &Status) -> Self {
         ClientError::Status {
             code: status.code(),
             message: status.message().to_owned(),
@@ -91,6 +93,7 @@ impl Interceptor for BearerAuth {
 pub type Registry = AgentRegistryClient<InterceptedService<Channel, BearerAuth>>;
 pub type Cluster = ClusterClient<InterceptedService<Channel, BearerAuth>>;
 pub type Authz = AuthzClient<InterceptedService<Channel, BearerAuth>>;
+pub type Audit = AuditClient<InterceptedService<Channel, BearerAuth>>;
 
 /// A client of one Mandate cluster.
 pub struct Client {
@@ -232,6 +235,23 @@ impl Client {
         self.with_failover(
             |c| {
                 AuthzClient::with_interceptor(c, auth.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls the audit service on a live node (for a subscription: opens it there).
+    pub async fn audit<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Audit) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let auth = self.auth.clone();
+        self.with_failover(
+            |c| {
+                AuditClient::with_interceptor(c, auth.clone())
                     .max_decoding_message_size(64 * 1024 * 1024)
             },
             call,

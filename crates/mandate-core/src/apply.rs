@@ -2,11 +2,13 @@
 //!
 //! [`apply_batch`] runs the commands of one log entry in order. For each command,
 //! [`decide`] reads the state and returns the events it causes or a [`DomainError`]; it writes
-//! nothing, so a refused command leaves no trace but its result. [`materialize`] then folds each
+//! nothing, so a refused command leaves no trace but its result and its audit record. [`materialize`] then folds each
 //! event into the state, and the event is stored under its position (log index, sequence).
 //! The state is a pure function of the event sequence: [`replay_event`] rebuilds it from stored
-//! event records alone.
+//! event records alone. The audit trail (one record per command, applied or refused, see
+//! [`crate::audit`]) is written beside it and is the one part that events do not rebuild.
 
+use crate::audit;
 use crate::authz::{self, Actor};
 use crate::error::{DomainError, StorageFault};
 use crate::pb::command::Kind as CommandKind;
@@ -28,7 +30,7 @@ pub fn apply_batch<S: StateRead + ?Sized>(
 ) -> Result<Vec<pb::CommandResult>, StorageFault> {
     let mut sequence: u32 = 0;
     let mut results = Vec::with_capacity(batch.commands.len());
-    for command in &batch.commands {
+    for (position, command) in (0u32..).zip(&batch.commands) {
         let time_ms = command.time_ms.max(state.clock_ms()?);
         let outcome = match decide(state, engine, command, time_ms)? {
             Err(error) => pb::command_result::Outcome::Error((&error).into()),
@@ -51,6 +53,8 @@ pub fn apply_batch<S: StateRead + ?Sized>(
                 pb::command_result::Outcome::Applied(summarize(state, command, events)?)
             }
         };
+        let record = audit::record(state, command, &outcome, (log_index, position), time_ms)?;
+        audit::append(state, record)?;
         results.push(pb::CommandResult {
             log_index,
             outcome: Some(outcome),

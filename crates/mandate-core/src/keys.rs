@@ -9,6 +9,10 @@ pub const AGENT_NAME_PREFIX: &[u8] = b"agent-name/";
 pub const TOKEN_PREFIX: &[u8] = b"token/";
 /// `event/<log index: u64 BE><sequence: u32 BE>` → [`crate::pb::EventRecord`].
 pub const EVENT_PREFIX: &[u8] = b"event/";
+/// `audit/<log index: u64 BE><sequence: u32 BE>` → [`crate::pb::AuditRecord`].
+pub const AUDIT_PREFIX: &[u8] = b"audit/";
+/// → [`crate::pb::AuditHead`]: the newest audit record's position and hash.
+pub const AUDIT_HEAD: &[u8] = b"audit-head";
 /// → [`crate::pb::ClusterInfo`], present once the cluster is bootstrapped.
 pub const CLUSTER: &[u8] = b"cluster";
 /// → the latest command time applied (u64 BE, milliseconds). Command time never goes backwards.
@@ -41,6 +45,13 @@ pub fn event(log_index: u64, sequence: u32) -> Vec<u8> {
     rest[..8].copy_from_slice(&log_index.to_be_bytes());
     rest[8..].copy_from_slice(&sequence.to_be_bytes());
     join(EVENT_PREFIX, &rest)
+}
+
+pub fn audit(log_index: u64, sequence: u32) -> Vec<u8> {
+    let mut rest = [0u8; 12];
+    rest[..8].copy_from_slice(&log_index.to_be_bytes());
+    rest[8..].copy_from_slice(&sequence.to_be_bytes());
+    join(AUDIT_PREFIX, &rest)
 }
 
 /// `delegation/<id>` → [`crate::pb::Delegation`].

@@ -8,6 +8,7 @@
 //! therefore always rebuilds exactly the same state (invariant 7).
 
 pub mod apply;
+pub mod audit;
 pub mod authz;
 pub mod delegation;
 pub mod error;

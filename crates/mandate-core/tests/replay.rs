@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use mandate_core::apply::{apply_batch, replay_event};
-use mandate_core::keys;
 use mandate_core::pb::{self, command::Kind};
 use mandate_core::policy::Engine as PolicyEngine;
 use mandate_core::state::{decode, Overlay};
+use mandate_core::{audit, keys};
 use proptest::prelude::*;
 
 type State = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -319,6 +319,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
         agent: principal_agent,
         assertion_jti,
         assertion_expires_ms: time_ms + 60_000,
+        serving_node: u64::from(n as u8 % 3) + 1,
         kind: Some(kind),
     }
 }
@@ -426,6 +427,15 @@ fn rebuild_from_events(state: &State) -> State {
     rebuilt
 }
 
+/// The state without the audit trail, which events do not rebuild.
+fn without_audit(state: &State) -> State {
+    state
+        .iter()
+        .filter(|(k, _)| !k.starts_with(keys::AUDIT_PREFIX) && k.as_slice() != keys::AUDIT_HEAD)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 fn ops() -> impl Strategy<Value = Vec<(Op, u8, u64)>> {
     proptest::collection::vec((op(), 0..4u8, 0..500u64), 1..120)
 }
@@ -437,7 +447,29 @@ proptest! {
     fn replaying_the_events_rebuilds_the_identical_state(ops in ops(), batch_len in 1..9usize) {
         let mut state = State::new();
         apply_log(&mut state, &log_of(&ops, batch_len), 1);
-        prop_assert_eq!(rebuild_from_events(&state), state);
+        prop_assert_eq!(rebuild_from_events(&state), without_audit(&state));
+    }
+
+    #[test]
+    fn every_command_leaves_one_audit_record_and_the_chain_verifies(
+        ops in ops(), batch_len in 1..9usize,
+    ) {
+        let log = log_of(&ops, batch_len);
+        let mut state = State::new();
+        apply_log(&mut state, &log, 1);
+        let commands: usize = log.iter().map(|b| b.commands.len()).sum();
+        let mut prev: Option<Vec<u8>> = None;
+        let mut records = 0;
+        for (key, value) in state.range(keys::AUDIT_PREFIX.to_vec()..) {
+            if !key.starts_with(keys::AUDIT_PREFIX) {
+                break;
+            }
+            let record: pb::AuditRecord = decode(key, value).expect("audit records decode");
+            prop_assert!(audit::check(&record, prev.as_deref()).is_ok(), "chain broken at {}.{}", record.log_index, record.sequence);
+            prev = Some(record.hash);
+            records += 1;
+        }
+        prop_assert_eq!(records, commands);
     }
 
     #[test]
@@ -585,8 +617,9 @@ fn a_refused_command_writes_nothing_and_its_batch_neighbours_still_apply() {
         Some(pb::command_result::Outcome::Applied(_))
     ));
     assert!(!state.contains_key(&keys::agent(&agent_id(2))));
-    // Two agents: record, name index and event each; the clock key moves forward in place.
-    assert_eq!(state.len(), before + 2 * 3);
+    // Two agents: record, name index and event each; an audit record for each of the three
+    // commands; the clock and the audit head move forward in place.
+    assert_eq!(state.len(), before + 2 * 3 + 3);
     assert_eq!(
         state.get(keys::CLOCK),
         Some(&2_000u64.to_be_bytes().to_vec())

@@ -856,6 +856,7 @@ pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
         }
         let command = pb::Command {
             kind: Some(Kind::ExpireGrants(pb::ExpireGrants {})),
+            serving_node: node.id,
             ..Default::default()
         };
         if let Err(e) = node.write(command).await {

@@ -5,6 +5,7 @@
 //! [`status`]. Every request is authenticated with an operator token before anything is read or
 //! proposed, and validated so that bad input is refused before it reaches the log.
 
+pub mod audit_service;
 pub mod auth;
 pub mod authz_service;
 pub mod cluster_service;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mandate_core::pb;
 use mandate_proto::v1::agent_registry_server::AgentRegistryServer;
+use mandate_proto::v1::audit_server::AuditServer;
 use mandate_proto::v1::authz_server::AuthzServer;
 use mandate_proto::v1::cluster_client::ClusterClient;
 use mandate_proto::v1::cluster_server::ClusterServer;
@@ -20,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::Status;
 
+use crate::audit_service::AuditService;
 use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
@@ -105,6 +107,7 @@ pub(crate) async fn submit_as(
 ) -> Result<(pb::CommandApplied, u64), Status> {
     let mut command = pb::Command {
         kind: Some(kind),
+        serving_node: node.id,
         ..Default::default()
     };
     match principal {
@@ -198,6 +201,10 @@ pub async fn run(
             config.grants.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+    );
+    let grpc = grpc.add_service(
+        AuditServer::new(AuditService::new(node.clone()))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
     let routes = Routes::from(grpc.into_axum_router().merge(http::routes(node.clone())));
     // HTTP/1.1 beside gRPC on the same port, for the JWKS document and the probes.

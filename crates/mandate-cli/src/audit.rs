@@ -1,0 +1,266 @@
+//! `mandate audit`: read, follow and verify the audit trail.
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use mandate_client::{pb, Client, ClientError};
+use mandate_core::audit;
+use serde_json::{json, Value};
+
+use crate::output::print;
+use crate::{Connection, Failure};
+
+/// How long `tail --follow` keeps trying to resume on another node after a failure.
+pub const RESUME_TIMEOUT_MS: u64 = 30_000;
+
+#[derive(Args, Debug)]
+pub struct AuditCommand {
+    #[command(subcommand)]
+    command: AuditSub,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// A position in the trail: `INDEX` or `INDEX.SEQUENCE`.
+fn position(text: &str) -> Result<pb::AuditPosition, String> {
+    let (index, sequence) = text.split_once('.').unwrap_or((text, "0"));
+    match (index.parse(), sequence.parse()) {
+        (Ok(log_index), Ok(sequence)) => Ok(pb::AuditPosition {
+            log_index,
+            sequence,
+        }),
+        _ => Err(format!(
+            "{text:?} is not a position (LOG_INDEX or LOG_INDEX.SEQUENCE)"
+        )),
+    }
+}
+
+fn decision(text: &str) -> Result<pb::Decision, String> {
+    match text {
+        "allow" => Ok(pb::Decision::Allow),
+        "deny" => Ok(pb::Decision::Deny),
+        "pending" => Ok(pb::Decision::Pending),
+        _ => Err(format!("{text:?} is not allow, deny or pending")),
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct Range {
+    /// First position (inclusive); 0 = the oldest retained record.
+    #[arg(long, value_parser = position)]
+    from: Option<pb::AuditPosition>,
+    /// Last position (inclusive).
+    #[arg(long, value_parser = position)]
+    to: Option<pb::AuditPosition>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditSub {
+    /// Print the committed records (and with --follow, new ones as they commit).
+    Tail {
+        #[command(flatten)]
+        range: Range,
+        #[arg(long)]
+        follow: bool,
+        /// Only records of this type (repeatable), e.g. authorize, create_delegation.
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Only records where this agent acted or is in the chain.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only records on behalf of this user.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, value_parser = decision)]
+        decision: Option<pb::Decision>,
+        #[arg(long)]
+        resource_prefix: Option<String>,
+    },
+    /// Check the hash chain; exits non-zero naming the first position that does not verify.
+    Verify {
+        #[command(flatten)]
+        range: Range,
+    },
+}
+
+fn pos(r: &pb::AuditRecord) -> String {
+    format!("{}.{}", r.log_index, r.sequence)
+}
+
+fn decision_name(d: i32) -> &'static str {
+    match pb::Decision::try_from(d) {
+        Ok(pb::Decision::Allow) => "allow",
+        Ok(pb::Decision::Deny) => "deny",
+        Ok(pb::Decision::Pending) => "pending",
+        _ => "",
+    }
+}
+
+fn record_json(r: &pb::AuditRecord) -> Value {
+    json!({
+        "position": pos(r),
+        "log_index": r.log_index,
+        "sequence": r.sequence,
+        "time_ms": r.time_ms,
+        "type": r.r#type,
+        "node": r.node,
+        "request_id": r.request_id,
+        "actor_kind": r.actor_kind,
+        "actor": r.actor,
+        "agent": r.agent,
+        "user": r.user,
+        "chain": r.chain,
+        "delegation_id": r.delegation_id,
+        "action": r.action,
+        "resource": r.resource,
+        "context_digest": hex::encode(&r.context_digest),
+        "decision": decision_name(r.decision),
+        "policy_ids": r.policy_ids,
+        "reasons": r.reasons,
+        "grant_id": r.grant_id,
+        "target": r.target,
+        "result": r.result,
+        "error": r.error,
+        "prev_hash": hex::encode(&r.prev_hash),
+        "hash": hex::encode(&r.hash),
+    })
+}
+
+fn record_line(r: &pb::AuditRecord) -> String {
+    let mut line = format!(
+        "{:<10} {} {:<18} {}:{}",
+        pos(r),
+        r.time_ms,
+        r.r#type,
+        r.actor_kind,
+        r.actor
+    );
+    for (name, value) in [
+        ("user", &r.user),
+        ("agent", &r.agent),
+        ("target", &r.target),
+        ("action", &r.action),
+        ("resource", &r.resource),
+        ("grant", &r.grant_id),
+    ] {
+        if !value.is_empty() {
+            line.push_str(&format!(" {name}={value}"));
+        }
+    }
+    if r.decision != 0 {
+        line.push_str(&format!(" decision={}", decision_name(r.decision)));
+    }
+    line.push_str(&format!(" result={}", r.result));
+    line
+}
+
+/// Streams the records of `request`; on a broken stream while following, resumes after the
+/// last record received (on whichever node answers) so nothing is missed or repeated.
+async fn stream(
+    client: &Client,
+    mut request: pb::SubscribeRequest,
+    mut each: impl FnMut(pb::AuditRecord) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let opened = client
+            .audit(|mut c| {
+                let r = request.clone();
+                async move { c.subscribe(r).await }
+            })
+            .await;
+        let failure = match opened {
+            Ok(mut records) => loop {
+                match records.message().await {
+                    Ok(Some(record)) => {
+                        failing_since = None;
+                        request.from = Some(pb::AuditPosition {
+                            log_index: record.log_index,
+                            sequence: record.sequence + 1,
+                        });
+                        each(record)?;
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => break ClientError::from_status(&status),
+                }
+            },
+            Err(e) => e,
+        };
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if !request.follow || since.elapsed() > Duration::from_millis(RESUME_TIMEOUT_MS) {
+            return Err(failure.into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
+    let as_json = cmd.connection.json;
+    let client = cmd.connection.client()?;
+    match cmd.command {
+        AuditSub::Tail {
+            range,
+            follow,
+            types,
+            agent,
+            user,
+            decision,
+            resource_prefix,
+        } => {
+            let request = pb::SubscribeRequest {
+                from: range.from,
+                to: range.to,
+                follow,
+                types,
+                agent: agent.unwrap_or_default(),
+                user: user.unwrap_or_default(),
+                decision: decision.map_or(0, |d| d as i32),
+                resource_prefix: resource_prefix.unwrap_or_default(),
+            };
+            stream(&client, request, |record| {
+                if as_json {
+                    println!("{}", record_json(&record));
+                } else {
+                    println!("{}", record_line(&record));
+                }
+                Ok(())
+            })
+            .await
+        }
+        AuditSub::Verify { range } => {
+            let request = pb::SubscribeRequest {
+                from: range.from,
+                to: range.to,
+                ..Default::default()
+            };
+            let mut prev: Option<Vec<u8>> = None;
+            let mut first: Option<String> = None;
+            let mut last: Option<String> = None;
+            let mut verified = 0u64;
+            stream(&client, request, |record| {
+                audit::check(&record, prev.as_deref()).map_err(|why| {
+                    Failure(format!(
+                        "the audit trail does not verify at {}: {why}",
+                        pos(&record)
+                    ))
+                })?;
+                first.get_or_insert_with(|| pos(&record));
+                last = Some(pos(&record));
+                prev = Some(record.hash);
+                verified += 1;
+                Ok(())
+            })
+            .await?;
+            print(
+                &json!({
+                    "verified": verified,
+                    "from": first,
+                    "to": last,
+                    "head_hash": prev.map(hex::encode),
+                }),
+                as_json,
+            );
+            Ok(())
+        }
+    }
+}

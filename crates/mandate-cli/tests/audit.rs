@@ -1,0 +1,239 @@
+//! The audit trail: one attributed record per command, identical on every node, hash-chained
+//! so that an edit to stored history is found at its position.
+
+mod common;
+
+use common::{refused, DevCluster, World};
+use mandate_client::pb;
+use prost::Message;
+use serde_json::Value;
+
+/// Every record on the node at `addr`, as the JSON lines `audit tail --json` prints.
+fn trail(c: &DevCluster, addr: &str) -> Vec<String> {
+    let out = c.mandate_at(addr, &["audit", "tail", "--from", "0", "--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parsed(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+        .collect()
+}
+
+fn of_type<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["type"] == kind).collect()
+}
+
+#[test]
+fn every_command_leaves_one_attributed_record_and_every_node_holds_the_same_verified_trail() {
+    let c = DevCluster::start(3, 25200);
+    let world = World::create(&c, "audited");
+    let all = c.addrs.join(",");
+    let key = c.dir.path().join("audited.pem");
+    let key = key.to_str().expect("utf-8");
+    let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
+    let authorize = |resource: &str| {
+        c.json(
+            &all,
+            &[
+                "authorize",
+                "--agent",
+                &world.agent_id,
+                "--agent-key",
+                key,
+                "--delegation",
+                &delegation,
+                "--action",
+                "read",
+                "--resource",
+                resource,
+            ],
+        )
+    };
+    let allowed = authorize("secret/team-a/db");
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    let denied = authorize("secret/team-b/db");
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    c.json(
+        &all,
+        &[
+            "grant",
+            "consume",
+            allowed["token"].as_str().expect("token"),
+        ],
+    );
+    let again = c.mandate(&[
+        "grant",
+        "consume",
+        allowed["token"].as_str().expect("token"),
+    ]);
+    assert!(
+        !again.status.success(),
+        "a single-use grant was consumed twice"
+    );
+    refused(
+        &c,
+        &[
+            "delegate",
+            "create",
+            "--user-token",
+            &world.alice,
+            "--agent",
+            &world.agent_id,
+            "--action",
+            "read",
+            "--resource",
+            "secret/team-b/*",
+        ],
+        "PermissionDenied",
+        "not permitted",
+    );
+
+    let leader_trail = trail(&c, &c.addrs[0]);
+    let records = parsed(&leader_trail);
+    let register = of_type(&records, "register_agent");
+    assert_eq!(register.len(), 1, "{register:?}");
+    assert_eq!(register[0]["actor_kind"], "operator");
+    assert_eq!(register[0]["target"], world.agent_id.as_str());
+    assert_eq!(of_type(&records, "put_policy").len(), 1);
+
+    let delegations = of_type(&records, "create_delegation");
+    assert_eq!(delegations.len(), 2, "one applied, one refused");
+    assert_eq!(
+        (
+            &delegations[0]["actor_kind"],
+            &delegations[0]["user"],
+            &delegations[0]["agent"],
+            &delegations[0]["target"],
+            &delegations[0]["result"]
+        ),
+        (
+            &Value::from("user"),
+            &Value::from("alice"),
+            &Value::from(world.agent_id.as_str()),
+            &Value::from(delegation.as_str()),
+            &Value::from("ok")
+        )
+    );
+    assert_eq!(delegations[1]["result"], "permission_denied");
+    assert!(
+        delegations[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not permitted")),
+        "{}",
+        delegations[1]
+    );
+
+    let decisions = of_type(&records, "authorize");
+    assert_eq!(decisions.len(), 2);
+    for (record, decision, resource) in [
+        (decisions[0], "allow", "secret/team-a/db"),
+        (decisions[1], "deny", "secret/team-b/db"),
+    ] {
+        assert_eq!(record["decision"], decision);
+        assert_eq!(record["actor_kind"], "agent");
+        assert_eq!(record["actor"], world.agent_id.as_str());
+        assert_eq!(record["user"], "alice");
+        assert_eq!(record["chain"], serde_json::json!([world.agent_id]));
+        assert_eq!(record["delegation_id"], delegation.as_str());
+        assert_eq!(record["resource"], resource);
+        assert!(!record["reasons"].as_array().expect("reasons").is_empty());
+    }
+    assert_eq!(decisions[0]["grant_id"], allowed["grant_id"]);
+    assert_eq!(decisions[0]["policy_ids"].as_array().map(Vec::len), Some(2));
+
+    let consumed = of_type(&records, "consume_grant");
+    assert_eq!(consumed.len(), 2, "one consumed, one refused");
+    for record in &consumed {
+        assert_eq!(record["grant_id"], allowed["grant_id"]);
+        assert_eq!(record["user"], "alice");
+        assert_eq!(record["agent"], world.agent_id.as_str());
+    }
+    assert_eq!(
+        (&consumed[0]["result"], &consumed[1]["result"]),
+        (&Value::from("ok"), &Value::from("failed_precondition"))
+    );
+
+    // Every node holds the same trail, byte for byte, and it verifies everywhere.
+    for addr in &c.addrs[1..] {
+        assert_eq!(trail(&c, addr), leader_trail, "{addr}");
+    }
+    for addr in &c.addrs {
+        let verified = c.json(addr, &["audit", "verify"]);
+        assert_eq!(
+            verified["verified"].as_u64(),
+            Some(records.len() as u64),
+            "{addr}"
+        );
+    }
+
+    // Filters select by type, agent and decision.
+    let out = c.mandate(&[
+        "audit",
+        "tail",
+        "--json",
+        "--type",
+        "authorize",
+        "--decision",
+        "deny",
+        "--agent",
+        &world.agent_id,
+    ]);
+    let filtered: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0]["position"], decisions[1]["position"]);
+}
+
+#[test]
+fn an_edit_to_a_stored_record_is_found_by_verify_at_its_position() {
+    let mut c = DevCluster::start(1, 25400);
+    let _world = World::create(&c, "tampered");
+    let records = parsed(&trail(&c, &c.addrs[0]));
+    let victim = records
+        .iter()
+        .find(|r| r["type"] == "register_agent")
+        .expect("a registration record");
+    let position = victim["position"].as_str().expect("position").to_owned();
+    let (index, sequence) = position.split_once('.').expect("INDEX.SEQ");
+    let key = mandate_core::keys::audit(
+        index.parse().expect("index"),
+        sequence.parse().expect("sequence"),
+    );
+    c.stop();
+
+    let db = sled::Config::new()
+        .path(c.dir.path().join("node-1/db"))
+        .segment_size(mandate_store::durability::SEGMENT_BYTES)
+        .open()
+        .expect("open the node's database");
+    let tree = db.open_tree("state").expect("state tree");
+    let stored = tree.get(&key).expect("read").expect("the record is stored");
+    let mut record = pb::AuditRecord::decode(stored.as_ref()).expect("decode");
+    record.actor = "tok_someone_else".into();
+    tree.insert(&key, record.encode_to_vec()).expect("write");
+    db.flush().expect("flush");
+    drop(tree);
+    drop(db);
+
+    c.restart_dev();
+    let out = c.mandate(&["audit", "verify"]);
+    assert!(!out.status.success(), "a tampered trail verified");
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("does not verify at {position}")),
+        "{err}"
+    );
+    // The records before it still verify on their own.
+    let (index, _) = position.split_once('.').expect("INDEX.SEQ");
+    let before = index.parse::<u64>().expect("index") - 1;
+    let out = c.mandate(&["audit", "verify", "--to", &before.to_string()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+}

@@ -1,0 +1,408 @@
+//! The audit trail: one record per command, built by apply from the command and its outcome,
+//! stored by position in the same atomic batch as the state change, and hash-chained: every
+//! record carries the SHA-256 of its predecessor and of itself (over its protobuf encoding with
+//! `hash` empty, which prost makes canonical: fields in number order, maps as sorted maps).
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::error::StorageFault;
+use crate::pb::command::Kind as CommandKind;
+use crate::pb::command_result::Outcome;
+use crate::state::{decode, Overlay, StateRead};
+use crate::{authz, keys, pb};
+
+/// The command's name, as the record's `type`.
+pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
+    match kind {
+        None => "unknown",
+        Some(k) => match k {
+            CommandKind::BootstrapCluster(_) => "bootstrap_cluster",
+            CommandKind::CreateOperatorToken(_) => "create_operator_token",
+            CommandKind::RevokeOperatorToken(_) => "revoke_operator_token",
+            CommandKind::RegisterAgent(_) => "register_agent",
+            CommandKind::UpdateAgent(_) => "update_agent",
+            CommandKind::SetAgentStatus(_) => "set_agent_status",
+            CommandKind::AddAgentKey(_) => "add_agent_key",
+            CommandKind::RemoveAgentKey(_) => "remove_agent_key",
+            CommandKind::PutIssuer(_) => "put_issuer",
+            CommandKind::DeleteIssuer(_) => "delete_issuer",
+            CommandKind::PutPolicy(_) => "put_policy",
+            CommandKind::DeletePolicy(_) => "delete_policy",
+            CommandKind::AddSigningKey(_) => "add_signing_key",
+            CommandKind::CreateDelegation(_) => "create_delegation",
+            CommandKind::RevokeDelegation(_) => "revoke_delegation",
+            CommandKind::Authorize(_) => "authorize",
+            CommandKind::DecideApproval(_) => "decide_approval",
+            CommandKind::ConsumeGrant(_) => "consume_grant",
+            CommandKind::EndGrant(_) => "end_grant",
+            CommandKind::ExpireGrants(_) => "expire_grants",
+            CommandKind::PutSecret(_) => "put_secret",
+        },
+    }
+}
+
+/// The SHA-256 of a request context, as `key=value` lines in key order.
+pub fn context_digest(context: &std::collections::BTreeMap<String, String>) -> Vec<u8> {
+    if context.is_empty() {
+        return Vec::new();
+    }
+    let mut hasher = Sha256::new();
+    for (k, v) in context {
+        hasher.update(k.as_bytes());
+        hasher.update(b"=");
+        hasher.update(v.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.finalize().to_vec()
+}
+
+/// The hash of a record: SHA-256 of its encoding with `hash` empty.
+pub fn hash(record: &pb::AuditRecord) -> Vec<u8> {
+    let mut unhashed = record.clone();
+    unhashed.hash.clear();
+    Sha256::digest(unhashed.encode_to_vec()).to_vec()
+}
+
+/// Checks one record against its predecessor's hash; the error names what does not hold.
+pub fn check(record: &pb::AuditRecord, prev_hash: Option<&[u8]>) -> Result<(), String> {
+    if hash(record) != record.hash {
+        return Err("the record does not match its hash".into());
+    }
+    match prev_hash {
+        Some(prev) if prev != record.prev_hash.as_slice() => {
+            Err("the record does not follow its predecessor (prev_hash differs)".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn actor(command: &pb::Command) -> (&'static str, String) {
+    if let Some(CommandKind::BootstrapCluster(b)) = &command.kind {
+        return ("operator", b.root_token_id.clone());
+    }
+    if matches!(command.kind, Some(CommandKind::ExpireGrants(_))) {
+        return ("system", String::new());
+    }
+    if !command.operator_token_id.is_empty() {
+        ("operator", command.operator_token_id.clone())
+    } else if !command.user.is_empty() {
+        ("user", command.user.clone())
+    } else if !command.agent.is_empty() {
+        ("agent", command.agent.clone())
+    } else {
+        ("anonymous", String::new())
+    }
+}
+
+/// What the command itself names, for refused commands and as a base for applied ones.
+fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
+    match &command.kind {
+        Some(CommandKind::RegisterAgent(c)) => {
+            record.target = c.agent_id.clone();
+        }
+        Some(CommandKind::UpdateAgent(c)) => record.target = c.agent_id.clone(),
+        Some(CommandKind::SetAgentStatus(c)) => record.target = c.agent_id.clone(),
+        Some(CommandKind::AddAgentKey(c)) => record.target = c.agent_id.clone(),
+        Some(CommandKind::RemoveAgentKey(c)) => record.target = c.agent_id.clone(),
+        Some(CommandKind::CreateOperatorToken(c)) => record.target = c.token_id.clone(),
+        Some(CommandKind::RevokeOperatorToken(c)) => record.target = c.token_id.clone(),
+        Some(CommandKind::PutIssuer(c)) => {
+            record.target = c
+                .issuer
+                .as_ref()
+                .map(|i| i.name.clone())
+                .unwrap_or_default()
+        }
+        Some(CommandKind::DeleteIssuer(c)) => record.target = c.name.clone(),
+        Some(CommandKind::PutPolicy(c)) => record.target = c.name.clone(),
+        Some(CommandKind::DeletePolicy(c)) => record.target = c.name.clone(),
+        Some(CommandKind::AddSigningKey(c)) => {
+            record.target = c.key.as_ref().map(|k| k.kid.clone()).unwrap_or_default()
+        }
+        Some(CommandKind::CreateDelegation(c)) => {
+            record.target = c.delegation_id.clone();
+            record.delegation_id = c.delegation_id.clone();
+            record.agent = c.agent.clone();
+            record.action = c.actions.join(" ");
+            record.resource = c.resources.join(" ");
+        }
+        Some(CommandKind::RevokeDelegation(c)) => {
+            record.target = c.delegation_id.clone();
+            record.delegation_id = c.delegation_id.clone();
+        }
+        Some(CommandKind::Authorize(c)) => {
+            record.delegation_id = c.delegation_id.clone();
+            record.action = c.action.clone();
+            record.resource = c.resource.clone();
+            record.context_digest = context_digest(&c.request_context);
+            record.agent = command.agent.clone();
+        }
+        Some(CommandKind::DecideApproval(c)) => record.target = c.approval_id.clone(),
+        Some(CommandKind::ConsumeGrant(c)) => {
+            record.grant_id = c.grant_id.clone();
+            record.action = c.action.clone();
+            record.resource = c.resource.clone();
+        }
+        Some(CommandKind::EndGrant(c)) => record.grant_id = c.grant_id.clone(),
+        Some(CommandKind::PutSecret(c)) => record.resource = c.path.clone(),
+        Some(CommandKind::BootstrapCluster(c)) => record.target = c.cluster_id.clone(),
+        Some(CommandKind::ExpireGrants(_)) | None => {}
+    }
+}
+
+fn from_grant(record: &mut pb::AuditRecord, grant: &pb::Grant) {
+    record.grant_id = grant.id.clone();
+    record.agent = grant.agent.clone();
+    record.user = grant.user.clone();
+    record.chain = grant.chain.clone();
+    record.delegation_id = grant.delegation_id.clone();
+    record.action = grant.action.clone();
+    record.resource = grant.resource.clone();
+}
+
+/// What applied: the decision, the records touched.
+fn from_applied(record: &mut pb::AuditRecord, applied: &pb::CommandApplied) {
+    if let Some(grant) = &applied.grant {
+        from_grant(record, grant);
+    }
+    if let Some(d) = &applied.delegation {
+        record.user = d.user.clone();
+        record.agent = d.agent.clone();
+        record.chain = d.chain.clone();
+    }
+    if let Some(a) = &applied.approval {
+        record.target = a.id.clone();
+        record.agent = a.agent.clone();
+        record.user = a.user.clone();
+        record.delegation_id = a.delegation_id.clone();
+        record.action = a.action.clone();
+        record.resource = a.resource.clone();
+        record.decision = match pb::ApprovalStatus::try_from(a.status) {
+            Ok(pb::ApprovalStatus::Approved) => pb::Decision::Allow as i32,
+            Ok(pb::ApprovalStatus::Denied) => pb::Decision::Deny as i32,
+            _ => pb::Decision::Pending as i32,
+        };
+    }
+    if let Some(d) = &applied.decision {
+        record.agent = d.agent.clone();
+        record.user = d.user.clone();
+        record.chain = d.chain.clone();
+        record.delegation_id = d.delegation_id.clone();
+        record.action = d.action.clone();
+        record.resource = d.resource.clone();
+        record.decision = d.decision;
+        record.policy_ids = d.policy_ids.clone();
+        record.reasons = d.reasons.clone();
+        record.grant_id = d.grant.as_ref().map(|g| g.id.clone()).unwrap_or_default();
+        if let Some(a) = &d.approval {
+            record.target = a.id.clone();
+        }
+    }
+    if let Some(p) = &applied.policy {
+        record.target = p.name.clone();
+    }
+    if let Some(a) = &applied.agent {
+        record.target = a.id.clone();
+    }
+}
+
+/// Fills who a grant or delegation named by the record belongs to, from `state`, when the
+/// outcome did not say (a refused consume or revocation is still attributed).
+fn attribute(
+    record: &mut pb::AuditRecord,
+    state: &(impl StateRead + ?Sized),
+) -> Result<(), StorageFault> {
+    if !record.grant_id.is_empty() && record.agent.is_empty() {
+        if let Some(grant) = authz::grant_record(state, &record.grant_id)? {
+            from_grant(record, &grant);
+        }
+    }
+    if !record.delegation_id.is_empty() && record.user.is_empty() {
+        if let Some(d) = authz::delegation_record(state, &record.delegation_id)? {
+            record.user = d.user;
+            record.chain = d.chain;
+            if record.agent.is_empty() {
+                record.agent = d.agent;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The record of one command at `position`, before chaining; `state` is the state after it.
+pub fn record(
+    state: &(impl StateRead + ?Sized),
+    command: &pb::Command,
+    outcome: &Outcome,
+    position: (u64, u32),
+    time_ms: u64,
+) -> Result<pb::AuditRecord, StorageFault> {
+    let (actor_kind, actor) = actor(command);
+    let mut record = pb::AuditRecord {
+        log_index: position.0,
+        sequence: position.1,
+        time_ms,
+        r#type: type_name(command.kind.as_ref()).to_owned(),
+        node: command.serving_node,
+        request_id: command.request_id.clone(),
+        actor_kind: actor_kind.to_owned(),
+        actor,
+        user: command.user.clone(),
+        ..Default::default()
+    };
+    from_command(&mut record, command);
+    match outcome {
+        Outcome::Applied(applied) => {
+            from_applied(&mut record, applied);
+            record.result = "ok".into();
+        }
+        Outcome::Error(e) => {
+            record.result = pb::ErrorCode::try_from(e.code)
+                .map(|c| {
+                    c.as_str_name()
+                        .trim_start_matches("ERROR_CODE_")
+                        .to_lowercase()
+                })
+                .unwrap_or_else(|_| "error".into());
+            record.error = if e.field.is_empty() {
+                e.message.clone()
+            } else {
+                format!("{}: {}", e.field, e.message)
+            };
+        }
+    }
+    attribute(&mut record, state)?;
+    Ok(record)
+}
+
+/// The newest record's position and hash, if any record was written.
+pub fn head(state: &(impl StateRead + ?Sized)) -> Result<Option<pb::AuditHead>, StorageFault> {
+    state
+        .get(keys::AUDIT_HEAD)?
+        .map(|v| decode(keys::AUDIT_HEAD, &v))
+        .transpose()
+}
+
+/// Chains `record` after the current head and stores it with the new head.
+pub fn append<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    mut record: pb::AuditRecord,
+) -> Result<(), StorageFault> {
+    let head = head(state)?.unwrap_or_default();
+    record.prev_hash = head.hash;
+    record.hash = hash(&record);
+    state.put_message(
+        keys::AUDIT_HEAD.to_vec(),
+        &pb::AuditHead {
+            log_index: record.log_index,
+            sequence: record.sequence,
+            hash: record.hash.clone(),
+            records: head.records + 1,
+        },
+    );
+    state.put_message(keys::audit(record.log_index, record.sequence), &record);
+    Ok(())
+}
+
+/// Whether `record` passes a subscription's filters.
+pub fn matches(record: &pb::AuditRecord, filter: &pb::SubscribeRequest) -> bool {
+    (filter.types.is_empty() || filter.types.contains(&record.r#type))
+        && (filter.agent.is_empty()
+            || filter.agent == record.agent
+            || record.chain.contains(&filter.agent))
+        && (filter.user.is_empty() || filter.user == record.user)
+        && (filter.decision == 0 || filter.decision == record.decision)
+        && (filter.resource_prefix.is_empty()
+            || record.resource.starts_with(&filter.resource_prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn applied(n: u64) -> pb::AuditRecord {
+        let empty: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        record(
+            &empty,
+            &pb::Command {
+                operator_token_id: "tok_1".into(),
+                kind: Some(CommandKind::RegisterAgent(pb::RegisterAgent {
+                    agent_id: format!("agt_{n}"),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            &Outcome::Applied(pb::CommandApplied::default()),
+            (n, 0),
+            n * 10,
+        )
+        .expect("record")
+    }
+
+    #[test]
+    fn appended_records_chain_and_any_edit_breaks_the_chain() {
+        let base: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut state = Overlay::new(&base);
+        for n in 1..=3 {
+            append(&mut state, applied(n)).expect("append");
+        }
+        let records: Vec<pb::AuditRecord> = state
+            .scan_prefix(keys::AUDIT_PREFIX)
+            .expect("scan")
+            .iter()
+            .map(|(k, v)| decode(k, v).expect("record"))
+            .collect();
+        assert_eq!(records.len(), 3);
+        let mut prev: Option<Vec<u8>> = None;
+        for r in &records {
+            check(r, prev.as_deref()).expect("chain verifies");
+            prev = Some(r.hash.clone());
+        }
+        assert_eq!(head(&state).expect("head").expect("some").records, 3);
+
+        let mut edited = records[1].clone();
+        edited.actor = "tok_other".into();
+        assert!(check(&edited, Some(&records[0].hash)).is_err());
+        let mut rehashed = edited.clone();
+        rehashed.hash = hash(&rehashed);
+        check(&rehashed, Some(&records[0].hash)).expect("a rehashed record checks alone");
+        assert!(
+            check(&records[2], Some(&rehashed.hash)).is_err(),
+            "the successor no longer follows a rehashed record"
+        );
+    }
+
+    #[test]
+    fn a_refused_command_is_recorded_with_its_error_code() {
+        let empty: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let r = record(
+            &empty,
+            &pb::Command {
+                user: "alice".into(),
+                kind: Some(CommandKind::Authorize(pb::Authorize {
+                    delegation_id: "dlg_1".into(),
+                    action: "read".into(),
+                    resource: "secret/x".into(),
+                    request_context: BTreeMap::from([("ticket".into(), "1".into())]),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            &Outcome::Error(pb::CommandError {
+                code: pb::ErrorCode::PermissionDenied as i32,
+                field: "delegation_id".into(),
+                message: "no".into(),
+            }),
+            (7, 2),
+            70,
+        )
+        .expect("record");
+        assert_eq!(r.result, "permission_denied");
+        assert_eq!(r.error, "delegation_id: no");
+        assert_eq!((r.actor_kind.as_str(), r.actor.as_str()), ("user", "alice"));
+        assert_eq!(r.resource, "secret/x");
+        assert_eq!(r.context_digest.len(), 32);
+    }
+}
