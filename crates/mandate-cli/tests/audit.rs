@@ -237,3 +237,131 @@ fn an_edit_to_a_stored_record_is_found_by_verify_at_its_position() {
     let out = c.mandate(&["audit", "verify", "--to", &before.to_string()]);
     assert!(out.status.success(), "{}", common::stderr(&out));
 }
+
+fn register(c: &DevCluster, addrs: &str, name: &str) {
+    c.json(
+        addrs,
+        &["agent", "register", "--name", name, "--owner", "alice"],
+    );
+}
+
+/// Reads records from `stream` into `received` until `registrations` register_agent records
+/// have arrived in all.
+async fn read_until(
+    stream: &mut tonic::Streaming<pb::AuditRecord>,
+    received: &mut Vec<pb::AuditRecord>,
+    registrations: usize,
+) {
+    let count = |r: &[pb::AuditRecord]| r.iter().filter(|r| r.r#type == "register_agent").count();
+    while count(received) < registrations {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(20), stream.message())
+            .await
+            .expect("a record within 20 s")
+            .expect("the stream stays up")
+            .expect("the stream does not end while following");
+        received.push(next);
+    }
+}
+
+async fn subscribe(
+    addr: &str,
+    token: &str,
+    from: Option<pb::AuditPosition>,
+) -> tonic::Streaming<pb::AuditRecord> {
+    common::client_at(addr, token)
+        .audit(|mut a| async move {
+            a.subscribe(pb::SubscribeRequest {
+                from,
+                follow: true,
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .expect("subscribe")
+}
+
+#[test]
+fn a_subscriber_that_moves_to_another_node_after_leader_loss_misses_and_repeats_nothing() {
+    let mut c = DevCluster::start(3, 25600);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let leader = c.leader();
+    let followers: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let (first, second) = (c.addr(followers[0]), c.addr(followers[1]));
+    let survivors = format!("{first},{second}");
+
+    let mut received = Vec::new();
+    let mut stream = rt.block_on(subscribe(&first, &c.token, None));
+    for i in 0..5 {
+        register(&c, &c.addrs.join(","), &format!("before-{i}"));
+    }
+    rt.block_on(read_until(&mut stream, &mut received, 5));
+
+    // The leader dies mid-stream; the follower's stream carries on with the new leader's writes.
+    c.kill_node(leader);
+    common::wait_for("a new leader", std::time::Duration::from_secs(10), || {
+        let s = c.status(&survivors)?;
+        s["leader"].as_u64().filter(|l| *l != 0 && *l != leader)
+    });
+    for i in 0..5 {
+        register(&c, &survivors, &format!("during-{i}"));
+    }
+    rt.block_on(read_until(&mut stream, &mut received, 10));
+
+    // The subscriber moves to the other survivor, resuming after the last position it saw.
+    drop(stream);
+    let last = received.last().expect("records");
+    let resume = pb::AuditPosition {
+        log_index: last.log_index,
+        sequence: last.sequence + 1,
+    };
+    let mut stream = rt.block_on(subscribe(&second, &c.token, Some(resume)));
+    for i in 0..5 {
+        register(&c, &survivors, &format!("after-{i}"));
+    }
+    rt.block_on(read_until(&mut stream, &mut received, 15));
+    drop(stream);
+
+    // What the subscriber saw is exactly the committed trail: no gap, no duplicate.
+    let committed = parsed(&trail(&c, &second));
+    let seen: Vec<String> = received
+        .iter()
+        .map(|r| format!("{}.{}", r.log_index, r.sequence))
+        .collect();
+    let expected: Vec<String> = committed
+        .iter()
+        .take(seen.len())
+        .map(|r| r["position"].as_str().expect("position").to_owned())
+        .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        received.last().map(|r| hex::encode(&r.hash)),
+        committed
+            .get(seen.len() - 1)
+            .and_then(|r| r["hash"].as_str().map(str::to_owned))
+    );
+
+    // The old leader comes back and catches up; all three trails are identical and verify.
+    c.restart_node(leader);
+    let reference = trail(&c, &second);
+    common::wait_for(
+        "the old leader to catch up",
+        std::time::Duration::from_secs(20),
+        || {
+            let out = c.mandate_at(&c.addr(leader), &["audit", "tail", "--json"]);
+            (out.status.success()
+                && String::from_utf8_lossy(&out.stdout).lines().count() >= reference.len())
+            .then_some(())
+        },
+    );
+    let reference = trail(&c, &second);
+    for node in 1..=3 {
+        assert_eq!(trail(&c, &c.addr(node)), reference, "node {node}");
+        let out = c.mandate_at(&c.addr(node), &["audit", "verify"]);
+        assert!(
+            out.status.success(),
+            "node {node}: {}",
+            common::stderr(&out)
+        );
+    }
+}
