@@ -81,6 +81,14 @@ enum AuditSub {
         #[command(flatten)]
         range: Range,
     },
+    /// Write records to a file, one JSON object per line (written whole, then renamed into
+    /// place); the chain is checked on the way and the file is not kept if it does not verify.
+    Export {
+        #[command(flatten)]
+        range: Range,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn pos(r: &pb::AuditRecord) -> String {
@@ -228,39 +236,73 @@ pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
             .await
         }
         AuditSub::Verify { range } => {
-            let request = pb::SubscribeRequest {
-                from: range.from,
-                to: range.to,
-                ..Default::default()
-            };
-            let mut prev: Option<Vec<u8>> = None;
-            let mut first: Option<String> = None;
-            let mut last: Option<String> = None;
-            let mut verified = 0u64;
-            stream(&client, request, |record| {
-                audit::check(&record, prev.as_deref()).map_err(|why| {
-                    Failure(format!(
-                        "the audit trail does not verify at {}: {why}",
-                        pos(&record)
-                    ))
-                })?;
-                first.get_or_insert_with(|| pos(&record));
-                last = Some(pos(&record));
-                prev = Some(record.hash);
-                verified += 1;
-                Ok(())
+            let summary = verified(&client, &range, |_| Ok(())).await?;
+            print(&summary, as_json);
+            Ok(())
+        }
+        AuditSub::Export { range, out } => {
+            let partial = out.with_extension("partial");
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+            let written = verified(&client, &range, |record| {
+                use std::io::Write;
+                writeln!(file, "{}", record_json(record)).map_err(Failure::from)
             })
-            .await?;
-            print(
-                &json!({
-                    "verified": verified,
-                    "from": first,
-                    "to": last,
-                    "head_hash": prev.map(hex::encode),
-                }),
-                as_json,
-            );
+            .await;
+            let written = match written {
+                Ok(summary) => summary,
+                Err(e) => {
+                    drop(file);
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            };
+            file.into_inner()
+                .map_err(|e| Failure(e.to_string()))?
+                .sync_all()?;
+            std::fs::rename(&partial, &out)?;
+            let mut summary = written;
+            summary["out"] = json!(out.display().to_string());
+            print(&summary, as_json);
             Ok(())
         }
     }
+}
+
+/// Streams the range, checking the chain and handing each record to `each`; returns the
+/// summary (`verified`, `from`, `to`, `head_hash`) or the first position that fails.
+async fn verified(
+    client: &Client,
+    range: &Range,
+    mut each: impl FnMut(&pb::AuditRecord) -> Result<(), Failure>,
+) -> Result<Value, Failure> {
+    let request = pb::SubscribeRequest {
+        from: range.from,
+        to: range.to,
+        ..Default::default()
+    };
+    let mut prev: Option<Vec<u8>> = None;
+    let mut first: Option<String> = None;
+    let mut last: Option<String> = None;
+    let mut count = 0u64;
+    stream(client, request, |record| {
+        audit::check(&record, prev.as_deref()).map_err(|why| {
+            Failure(format!(
+                "the audit trail does not verify at {}: {why}",
+                pos(&record)
+            ))
+        })?;
+        each(&record)?;
+        first.get_or_insert_with(|| pos(&record));
+        last = Some(pos(&record));
+        prev = Some(record.hash);
+        count += 1;
+        Ok(())
+    })
+    .await?;
+    Ok(json!({
+        "verified": count,
+        "from": first,
+        "to": last,
+        "head_hash": prev.map(hex::encode),
+    }))
 }

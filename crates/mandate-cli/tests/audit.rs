@@ -172,6 +172,16 @@ fn every_command_leaves_one_attributed_record_and_every_node_holds_the_same_veri
         );
     }
 
+    // An export holds exactly the trail.
+    let file = c.dir.path().join("trail.jsonl");
+    let exported = c.json(
+        &all,
+        &["audit", "export", "--out", file.to_str().expect("utf-8")],
+    );
+    assert_eq!(exported["verified"].as_u64(), Some(records.len() as u64));
+    let text = std::fs::read_to_string(&file).expect("export file");
+    assert_eq!(text.lines().collect::<Vec<_>>(), leader_trail);
+
     // Filters select by type, agent and decision.
     let out = c.mandate(&[
         "audit",
