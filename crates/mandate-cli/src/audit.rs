@@ -275,12 +275,27 @@ async fn verified(
     range: &Range,
     mut each: impl FnMut(&pb::AuditRecord) -> Result<(), Failure>,
 ) -> Result<Value, Failure> {
+    let info = client
+        .audit(|mut c| async move { c.info(pb::AuditInfoRequest {}).await })
+        .await?;
+    let from_oldest = range
+        .from
+        .is_none_or(|p| (p.log_index, p.sequence) == (0, 0));
+    let head = info.head.filter(|_| range.to.is_none());
     let request = pb::SubscribeRequest {
         from: range.from,
-        to: range.to,
+        to: range.to.or_else(|| {
+            head.as_ref().map(|h| pb::AuditPosition {
+                log_index: h.log_index,
+                sequence: h.sequence,
+            })
+        }),
         ..Default::default()
     };
-    let mut prev: Option<Vec<u8>> = None;
+    // From the oldest retained record, its predecessor's hash is known: the compaction base's
+    // (or none, when nothing was ever compacted).
+    let mut prev: Option<Vec<u8>> =
+        from_oldest.then(|| info.base.map(|b| b.prev_hash).unwrap_or_default());
     let mut first: Option<String> = None;
     let mut last: Option<String> = None;
     let mut count = 0u64;
@@ -299,6 +314,15 @@ async fn verified(
         Ok(())
     })
     .await?;
+    if let Some(head) = head {
+        let end = format!("{}.{}", head.log_index, head.sequence);
+        if last.as_deref() != Some(end.as_str()) || prev.as_deref() != Some(head.hash.as_slice()) {
+            return Err(Failure(format!(
+                "the audit trail does not verify at {end}: the trail ends at {} but the head is {end}",
+                last.as_deref().unwrap_or("nothing")
+            )));
+        }
+    }
     Ok(json!({
         "verified": count,
         "from": first,

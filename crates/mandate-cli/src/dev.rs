@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use mandate_client::{pb, Client};
-use mandate_server::config::{GrantConfig, PeerConfig, RaftConfig};
+use mandate_server::config::{AuditConfig, GrantConfig, PeerConfig, RaftConfig};
 use mandate_server::NodeConfig;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -85,6 +85,7 @@ fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
         kek_file,
         grants: GrantConfig::default(),
         raft: RaftConfig::default(),
+        audit: AuditConfig::default(),
     }
 }
 

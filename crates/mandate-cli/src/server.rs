@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mandate_server::config::{GrantConfig, PeerConfig, RaftConfig};
+use mandate_server::config::{AuditConfig, GrantConfig, PeerConfig, RaftConfig};
 use mandate_server::NodeConfig;
 
 use crate::Failure;
@@ -41,6 +41,12 @@ pub struct ServerArgs {
     /// File holding the key-encryption key (64 hex digits); or give MANDATE_KEK itself.
     #[arg(long, env = "MANDATE_KEK_FILE")]
     kek_file: Option<PathBuf>,
+    /// Most audit records retained (the leader's setting decides).
+    #[arg(long, env = "MANDATE_AUDIT_RETAIN_RECORDS")]
+    audit_retain_records: Option<u64>,
+    /// Audit records older than this many seconds are dropped (0 = no age limit).
+    #[arg(long, env = "MANDATE_AUDIT_RETAIN_AGE_S")]
+    audit_retain_age_s: Option<u64>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(
         long,
@@ -88,11 +94,18 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
                 kek_file: None,
                 grants: GrantConfig::default(),
                 raft: RaftConfig::default(),
+                audit: AuditConfig::default(),
             }
         }
     };
     if let Some(v) = args.node_id {
         config.node_id = v;
+    }
+    if let Some(v) = args.audit_retain_records {
+        config.audit.retain_records = v;
+    }
+    if let Some(v) = args.audit_retain_age_s {
+        config.audit.retain_age_s = v;
     }
     if let Some(v) = args.client_addr {
         config.client_addr = v;

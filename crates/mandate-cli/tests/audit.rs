@@ -375,3 +375,41 @@ fn a_subscriber_that_moves_to_another_node_after_leader_loss_misses_and_repeats_
         );
     }
 }
+
+#[test]
+fn retention_drops_the_oldest_records_and_the_rest_still_verifies() {
+    let c = DevCluster::start_with_env(1, 25800, &[("MANDATE_AUDIT_RETAIN_RECORDS", "8")]);
+    for i in 0..20 {
+        register(&c, &c.addrs[0], &format!("kept-or-not-{i}"));
+    }
+    let records = common::wait_for(
+        "the trail to be compacted",
+        std::time::Duration::from_secs(20),
+        || {
+            let records = parsed(&trail(&c, &c.addrs[0]));
+            (records.len() <= 10).then_some(records)
+        },
+    );
+    let compactions = of_type(&records, "compact_audit");
+    assert!(!compactions.is_empty(), "{records:?}");
+    assert_eq!(compactions[0]["actor_kind"], "system");
+    assert_ne!(
+        records[0]["type"], "bootstrap_cluster",
+        "the oldest records were dropped"
+    );
+
+    let verified = c.json(&c.addrs[0], &["audit", "verify"]);
+    assert_eq!(
+        verified["verified"].as_u64(),
+        Some(records.len() as u64),
+        "{verified}"
+    );
+    let oldest = records[0]["position"].as_str().expect("position");
+    assert_eq!(verified["from"], oldest);
+    refused(
+        &c,
+        &["audit", "tail", "--from", "1"],
+        "FailedPrecondition",
+        &format!("the oldest retained record is {oldest}"),
+    );
+}

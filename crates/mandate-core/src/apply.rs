@@ -32,25 +32,31 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     let mut results = Vec::with_capacity(batch.commands.len());
     for (position, command) in (0u32..).zip(&batch.commands) {
         let time_ms = command.time_ms.max(state.clock_ms()?);
-        let outcome = match decide(state, engine, command, time_ms)? {
-            Err(error) => pb::command_result::Outcome::Error((&error).into()),
-            Ok(kinds) => {
-                let mut events = Vec::with_capacity(kinds.len());
-                for kind in kinds {
-                    let event = pb::Event { kind: Some(kind) };
-                    let record = pb::EventRecord {
-                        log_index,
-                        sequence,
-                        request_id: command.request_id.clone(),
-                        time_ms,
-                        operator_token_id: command.operator_token_id.clone(),
-                        event: Some(event.clone()),
-                    };
-                    replay_event(state, &record)?;
-                    sequence += 1;
-                    events.push(event);
+        let outcome = if let Some(CommandKind::CompactAudit(c)) = &command.kind {
+            // Leader housekeeping that only touches the trail (which events do not rebuild).
+            audit::compact(state, (c.below_log_index, c.below_sequence))?;
+            pb::command_result::Outcome::Applied(pb::CommandApplied::default())
+        } else {
+            match decide(state, engine, command, time_ms)? {
+                Err(error) => pb::command_result::Outcome::Error((&error).into()),
+                Ok(kinds) => {
+                    let mut events = Vec::with_capacity(kinds.len());
+                    for kind in kinds {
+                        let event = pb::Event { kind: Some(kind) };
+                        let record = pb::EventRecord {
+                            log_index,
+                            sequence,
+                            request_id: command.request_id.clone(),
+                            time_ms,
+                            operator_token_id: command.operator_token_id.clone(),
+                            event: Some(event.clone()),
+                        };
+                        replay_event(state, &record)?;
+                        sequence += 1;
+                        events.push(event);
+                    }
+                    pb::command_result::Outcome::Applied(summarize(state, command, events)?)
                 }
-                pb::command_result::Outcome::Applied(summarize(state, command, events)?)
             }
         };
         let record = audit::record(state, command, &outcome, (log_index, position), time_ms)?;
@@ -226,6 +232,12 @@ fn decide_for(
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
         CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
+        CommandKind::CompactAudit(_) => {
+            return Ok(Err(DomainError::invalid(
+                "command",
+                "audit compaction writes the trail only and is applied by apply_batch",
+            )))
+        }
         CommandKind::PutSecret(c) => {
             return authz::put_secret(state, engine, &principal, c, time_ms)
         }

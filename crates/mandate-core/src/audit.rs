@@ -38,6 +38,7 @@ pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
             CommandKind::EndGrant(_) => "end_grant",
             CommandKind::ExpireGrants(_) => "expire_grants",
             CommandKind::PutSecret(_) => "put_secret",
+            CommandKind::CompactAudit(_) => "compact_audit",
         },
     }
 }
@@ -81,7 +82,10 @@ fn actor(command: &pb::Command) -> (&'static str, String) {
     if let Some(CommandKind::BootstrapCluster(b)) = &command.kind {
         return ("operator", b.root_token_id.clone());
     }
-    if matches!(command.kind, Some(CommandKind::ExpireGrants(_))) {
+    if matches!(
+        command.kind,
+        Some(CommandKind::ExpireGrants(_) | CommandKind::CompactAudit(_))
+    ) {
         return ("system", String::new());
     }
     if !command.operator_token_id.is_empty() {
@@ -147,6 +151,9 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
         Some(CommandKind::EndGrant(c)) => record.grant_id = c.grant_id.clone(),
         Some(CommandKind::PutSecret(c)) => record.resource = c.path.clone(),
         Some(CommandKind::BootstrapCluster(c)) => record.target = c.cluster_id.clone(),
+        Some(CommandKind::CompactAudit(c)) => {
+            record.target = format!("{}.{}", c.below_log_index, c.below_sequence)
+        }
         Some(CommandKind::ExpireGrants(_)) | None => {}
     }
 }
@@ -305,6 +312,67 @@ pub fn append<S: StateRead + ?Sized>(
     Ok(())
 }
 
+/// Most records one compaction command drops.
+pub const COMPACT_RECORDS_MAX: usize = 10_000;
+
+/// Where the retained trail begins, if it was ever compacted.
+pub fn base(state: &(impl StateRead + ?Sized)) -> Result<Option<pb::AuditBase>, StorageFault> {
+    state
+        .get(keys::AUDIT_BASE)?
+        .map(|v| decode(keys::AUDIT_BASE, &v))
+        .transpose()
+}
+
+/// How many records are retained.
+pub fn retained(state: &(impl StateRead + ?Sized)) -> Result<u64, StorageFault> {
+    let appended = head(state)?.map_or(0, |h| h.records);
+    let removed = base(state)?.map_or(0, |b| b.removed);
+    Ok(appended.saturating_sub(removed))
+}
+
+/// Drops the records before `below` (at most [`COMPACT_RECORDS_MAX`], oldest first) and moves
+/// the base to the oldest record left; returns how many were dropped. The newest record is
+/// never dropped, so the head always has a record to chain from.
+pub fn compact<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    below: (u64, u32),
+) -> Result<u64, StorageFault> {
+    let candidates = state.scan_prefix_first(keys::AUDIT_PREFIX, COMPACT_RECORDS_MAX + 1)?;
+    let limit = keys::audit(below.0, below.1);
+    let newest = head(state)?.map(|h| keys::audit(h.log_index, h.sequence));
+    let mut dropped = 0u64;
+    let mut last_hash = None;
+    for (key, value) in candidates.iter().take(COMPACT_RECORDS_MAX) {
+        if *key >= limit || Some(key) == newest.as_ref() {
+            break;
+        }
+        let record: pb::AuditRecord = decode(key, value)?;
+        state.delete(key.clone());
+        last_hash = Some(record.hash);
+        dropped += 1;
+    }
+    let Some(prev_hash) = last_hash else {
+        return Ok(0);
+    };
+    let oldest = state
+        .scan_prefix_first(keys::AUDIT_PREFIX, 1)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StorageFault("compaction left no audit record".into()))?;
+    let oldest: pb::AuditRecord = decode(&oldest.0, &oldest.1)?;
+    let removed = base(state)?.map_or(0, |b| b.removed) + dropped;
+    state.put_message(
+        keys::AUDIT_BASE.to_vec(),
+        &pb::AuditBase {
+            log_index: oldest.log_index,
+            sequence: oldest.sequence,
+            prev_hash,
+            removed,
+        },
+    );
+    Ok(dropped)
+}
+
 /// Whether `record` passes a subscription's filters.
 pub fn matches(record: &pb::AuditRecord, filter: &pb::SubscribeRequest) -> bool {
     (filter.types.is_empty() || filter.types.contains(&record.r#type))
@@ -372,6 +440,34 @@ mod tests {
             check(&records[2], Some(&rehashed.hash)).is_err(),
             "the successor no longer follows a rehashed record"
         );
+    }
+
+    #[test]
+    fn compaction_keeps_the_chain_verifiable_from_the_oldest_retained_record() {
+        let base_state: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut state = Overlay::new(&base_state);
+        for n in 1..=6 {
+            append(&mut state, applied(n)).expect("append");
+        }
+        assert_eq!(compact(&mut state, (4, 0)).expect("compact"), 3);
+        assert_eq!(retained(&state).expect("retained"), 3);
+        let kept: Vec<pb::AuditRecord> = state
+            .scan_prefix(keys::AUDIT_PREFIX)
+            .expect("scan")
+            .iter()
+            .map(|(k, v)| decode(k, v).expect("record"))
+            .collect();
+        assert_eq!(kept[0].log_index, 4);
+        let base = base(&state).expect("base").expect("set");
+        assert_eq!((base.log_index, base.removed), (4, 3));
+        let mut prev = Some(base.prev_hash);
+        for r in &kept {
+            check(r, prev.as_deref()).expect("verifies from the base");
+            prev = Some(r.hash.clone());
+        }
+        // The newest record is never dropped, whatever the bound.
+        assert_eq!(compact(&mut state, (99, 0)).expect("compact"), 2);
+        assert_eq!(retained(&state).expect("retained"), 1);
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub const EVENT_PREFIX: &[u8] = b"event/";
 pub const AUDIT_PREFIX: &[u8] = b"audit/";
 /// → [`crate::pb::AuditHead`]: the newest audit record's position and hash.
 pub const AUDIT_HEAD: &[u8] = b"audit-head";
+/// → [`crate::pb::AuditBase`], once the trail was compacted.
+pub const AUDIT_BASE: &[u8] = b"audit-base";
 /// → [`crate::pb::ClusterInfo`], present once the cluster is bootstrapped.
 pub const CLUSTER: &[u8] = b"cluster";
 /// → the latest command time applied (u64 BE, milliseconds). Command time never goes backwards.
@@ -52,6 +54,17 @@ pub fn audit(log_index: u64, sequence: u32) -> Vec<u8> {
     rest[..8].copy_from_slice(&log_index.to_be_bytes());
     rest[8..].copy_from_slice(&sequence.to_be_bytes());
     join(AUDIT_PREFIX, &rest)
+}
+
+/// The position an audit key stands for.
+pub fn split_audit(key: &[u8]) -> Option<(u64, u32)> {
+    let rest = key.strip_prefix(AUDIT_PREFIX)?;
+    if rest.len() != 12 {
+        return None;
+    }
+    let index = u64::from_be_bytes(rest[..8].try_into().ok()?);
+    let sequence = u32::from_be_bytes(rest[8..].try_into().ok()?);
+    Some((index, sequence))
 }
 
 /// `delegation/<id>` → [`crate::pb::Delegation`].

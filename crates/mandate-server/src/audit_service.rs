@@ -4,15 +4,17 @@
 //! subscriber's task ends.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mandate_core::state::decode;
-use mandate_core::{keys, pb, DomainError, StorageFault};
+use mandate_core::{audit, keys, pb, DomainError, StorageFault};
 use mandate_proto::v1::audit_server::Audit;
 use mandate_raft::{Node, ReadConsistency};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::config::AuditConfig;
 use crate::{auth, status};
 
 /// Records read from storage per step.
@@ -24,6 +26,98 @@ pub const SUBSCRIBE_TYPES_MAX: usize = 32;
 
 pub struct AuditService {
     node: Arc<Node>,
+}
+
+fn position_of(p: &pb::AuditPosition) -> String {
+    format!("{}.{}", p.log_index, p.sequence)
+}
+
+/// The retained trail's oldest record's position, from the key it is stored under.
+fn oldest(node: &Node) -> Result<Option<(u64, u32)>, StorageFault> {
+    Ok(node
+        .view
+        .scan(keys::AUDIT_PREFIX, keys::AUDIT_PREFIX)
+        .next()
+        .transpose()?
+        .and_then(|(k, _)| keys::split_audit(&k)))
+}
+
+/// Where the leader would compact the trail below, by count and by age; `None` when nothing
+/// is due. By count it waits for a slack of 1/64 of the limit (at least one record) beyond
+/// it, so that the compaction's own record does not call for another compaction.
+fn compaction_due(
+    node: &Node,
+    retention: &AuditConfig,
+    now_ms: u64,
+) -> Result<Option<(u64, u32)>, StorageFault> {
+    let Some(first) = oldest(node)? else {
+        return Ok(None);
+    };
+    let records = || node.view.scan(keys::AUDIT_PREFIX, keys::AUDIT_PREFIX);
+    let position = |k: &[u8]| keys::split_audit(k).unwrap_or(first);
+    let mut below = first;
+    let retained = audit::retained(&node.view)?;
+    let slack = (retention.retain_records / 64).max(1);
+    if retained > retention.retain_records.saturating_add(slack) {
+        let excess = usize::try_from(retained - retention.retain_records)
+            .unwrap_or(usize::MAX)
+            .min(audit::COMPACT_RECORDS_MAX);
+        if let Some((k, _)) = records().nth(excess).transpose()? {
+            below = below.max(position(&k));
+        }
+    }
+    if retention.retain_age_s > 0 {
+        let cutoff = now_ms.saturating_sub(retention.retain_age_s.saturating_mul(1000));
+        // Records are in command-time order, so the first young one bounds the old ones.
+        let mut age_below = (u64::MAX, u32::MAX);
+        for (seen, item) in records().take(audit::COMPACT_RECORDS_MAX + 1).enumerate() {
+            let (k, v) = item?;
+            let record: pb::AuditRecord = decode(&k, &v)?;
+            if record.time_ms >= cutoff || seen == audit::COMPACT_RECORDS_MAX {
+                age_below = (record.log_index, record.sequence);
+                break;
+            }
+        }
+        below = below.max(age_below);
+    }
+    let newest = audit::head(&node.view)?.map(|h| (h.log_index, h.sequence));
+    // Compaction never drops the newest record; asking for only that is asking for nothing.
+    let droppable = newest.is_some_and(|n| n > first);
+    Ok((below > first && droppable).then_some(below))
+}
+
+/// Leader housekeeping: compact the trail when it holds more than the retention allows.
+pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if node.metrics().current_leader != Some(node.id) {
+            continue;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let below = match compaction_due(&node, &retention, now) {
+            Ok(Some(below)) => below,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the audit trail for compaction");
+                continue;
+            }
+        };
+        let command = pb::Command {
+            kind: Some(pb::command::Kind::CompactAudit(pb::CompactAudit {
+                below_log_index: below.0,
+                below_sequence: below.1,
+            })),
+            serving_node: node.id,
+            ..Default::default()
+        };
+        if let Err(e) = node.write(command).await {
+            tracing::debug!(error = %e, "audit compaction did not run");
+        }
+    }
 }
 
 impl AuditService {
@@ -93,7 +187,7 @@ async fn feed(node: Arc<Node>, r: pb::SubscribeRequest, tx: Sender) {
                     return;
                 }
             };
-            if mandate_core::audit::matches(&record, &r) && tx.send(Ok(record)).await.is_err() {
+            if audit::matches(&record, &r) && tx.send(Ok(record)).await.is_err() {
                 return;
             }
         }
@@ -121,6 +215,22 @@ impl Audit for AuditService {
         auth::operator(&self.node, request.metadata()).await?;
         let r = request.into_inner();
         check_filter(&r).map_err(|e| status::from_domain(&e))?;
+        if let (Some(from), Some(base)) = (
+            r.from.filter(|p| (p.log_index, p.sequence) != (0, 0)),
+            audit::base(&self.node.view).map_err(|e| status::from_fault(&e))?,
+        ) {
+            if (from.log_index, from.sequence) < (base.log_index, base.sequence) {
+                return Err(status::from_domain(&DomainError::precondition(
+                    "from",
+                    format!(
+                        "position {} is no longer retained; the oldest retained record is {}.{} (use --from 0 for the oldest)",
+                        position_of(&from),
+                        base.log_index,
+                        base.sequence
+                    ),
+                )));
+            }
+        }
         if !r.follow {
             // Without following, the subscription covers everything committed when it began.
             self.node
@@ -131,5 +241,24 @@ impl Audit for AuditService {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         tokio::spawn(feed(self.node.clone(), r, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn info(
+        &self,
+        request: Request<pb::AuditInfoRequest>,
+    ) -> Result<Response<pb::AuditInfo>, Status> {
+        auth::operator(&self.node, request.metadata()).await?;
+        let applied_index = self
+            .node
+            .read_barrier(ReadConsistency::Linearizable, 0)
+            .await
+            .map_err(|e| status::from_node(&e))?;
+        let fault = |e: StorageFault| status::from_fault(&e);
+        Ok(Response::new(pb::AuditInfo {
+            head: audit::head(&self.node.view).map_err(fault)?,
+            base: audit::base(&self.node.view).map_err(fault)?,
+            retained: audit::retained(&self.node.view).map_err(fault)?,
+            applied_index,
+        }))
     }
 }

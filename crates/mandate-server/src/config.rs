@@ -73,6 +73,31 @@ impl Default for GrantConfig {
     }
 }
 
+/// How much audit history the cluster keeps. The leader's settings decide (it proposes the
+/// compactions), so give every node the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Most records retained; older ones are dropped first.
+    pub retain_records: u64,
+    /// Records older than this many seconds are dropped (0 = no age limit).
+    pub retain_age_s: u64,
+}
+
+/// Records kept by default.
+pub const AUDIT_RETAIN_RECORDS_DEFAULT: u64 = 10_000_000;
+/// Age kept by default: 400 days, beyond a year of history for yearly reviews.
+pub const AUDIT_RETAIN_AGE_S_DEFAULT: u64 = 400 * 24 * 3600;
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retain_records: AUDIT_RETAIN_RECORDS_DEFAULT,
+            retain_age_s: AUDIT_RETAIN_AGE_S_DEFAULT,
+        }
+    }
+}
+
 /// The configuration of one node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +127,8 @@ pub struct NodeConfig {
     pub grants: GrantConfig,
     #[serde(default)]
     pub raft: RaftConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +234,12 @@ impl NodeConfig {
                 message: format!("uses_max must be between 1 and {}", hard.uses_max),
             });
         }
+        if self.audit.retain_records == 0 {
+            return Err(ConfigError::Invalid {
+                key: "audit",
+                message: "retain_records must be at least 1".into(),
+            });
+        }
         RaftTiming::from(&self.raft)
             .to_config()
             .map_err(|message| ConfigError::Invalid {
@@ -233,6 +266,7 @@ mod tests {
             kek_file: None,
             grants: GrantConfig::default(),
             raft: RaftConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 

@@ -21,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::Status;
 
-use crate::audit_service::AuditService;
+use crate::audit_service::{self, AuditService};
 use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
@@ -218,6 +218,11 @@ pub async fn run(
     let client_task = tokio::spawn(
         client.serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone())),
     );
+    let audit_housekeeping = tokio::spawn(audit_service::housekeeping(
+        node.clone(),
+        config.audit.clone(),
+        Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
+    ));
     let housekeeping = tokio::spawn(authz_service::housekeeping(
         node.clone(),
         Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
@@ -230,6 +235,7 @@ pub async fn run(
     tracing::info!("mandate node stopping");
     let _ = stop_tx.send(true);
     housekeeping.abort();
+    audit_housekeeping.abort();
     let served = [("client", client_task.await), ("peer", peer_task.await)];
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");
