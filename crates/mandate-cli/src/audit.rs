@@ -81,6 +81,8 @@ enum AuditSub {
         #[command(flatten)]
         range: Range,
     },
+    /// The head, the oldest retained position, and this node's sinks with their lag.
+    Info,
     /// Write records to a file, one JSON object per line (written whole, then renamed into
     /// place); the chain is checked on the way and the file is not kept if it does not verify.
     Export {
@@ -93,45 +95,6 @@ enum AuditSub {
 
 fn pos(r: &pb::AuditRecord) -> String {
     format!("{}.{}", r.log_index, r.sequence)
-}
-
-fn decision_name(d: i32) -> &'static str {
-    match pb::Decision::try_from(d) {
-        Ok(pb::Decision::Allow) => "allow",
-        Ok(pb::Decision::Deny) => "deny",
-        Ok(pb::Decision::Pending) => "pending",
-        _ => "",
-    }
-}
-
-fn record_json(r: &pb::AuditRecord) -> Value {
-    json!({
-        "position": pos(r),
-        "log_index": r.log_index,
-        "sequence": r.sequence,
-        "time_ms": r.time_ms,
-        "type": r.r#type,
-        "node": r.node,
-        "request_id": r.request_id,
-        "actor_kind": r.actor_kind,
-        "actor": r.actor,
-        "agent": r.agent,
-        "user": r.user,
-        "chain": r.chain,
-        "delegation_id": r.delegation_id,
-        "action": r.action,
-        "resource": r.resource,
-        "context_digest": hex::encode(&r.context_digest),
-        "decision": decision_name(r.decision),
-        "policy_ids": r.policy_ids,
-        "reasons": r.reasons,
-        "grant_id": r.grant_id,
-        "target": r.target,
-        "result": r.result,
-        "error": r.error,
-        "prev_hash": hex::encode(&r.prev_hash),
-        "hash": hex::encode(&r.hash),
-    })
 }
 
 fn record_line(r: &pb::AuditRecord) -> String {
@@ -156,7 +119,7 @@ fn record_line(r: &pb::AuditRecord) -> String {
         }
     }
     if r.decision != 0 {
-        line.push_str(&format!(" decision={}", decision_name(r.decision)));
+        line.push_str(&format!(" decision={}", audit::decision_name(r.decision)));
     }
     line.push_str(&format!(" result={}", r.result));
     line
@@ -227,13 +190,43 @@ pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
             };
             stream(&client, request, |record| {
                 if as_json {
-                    println!("{}", record_json(&record));
+                    println!("{}", audit::to_json(&record));
                 } else {
                     println!("{}", record_line(&record));
                 }
                 Ok(())
             })
             .await
+        }
+        AuditSub::Info => {
+            let info = client
+                .audit(|mut c| async move { c.info(pb::AuditInfoRequest {}).await })
+                .await?;
+            let sinks: Vec<Value> = info
+                .sinks
+                .iter()
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "position": format!("{}.{}", s.log_index, s.sequence),
+                        "written": s.written,
+                        "lag_entries": s.lag_entries,
+                        "error": s.error,
+                    })
+                })
+                .collect();
+            print(
+                &json!({
+                    "head": info.head.as_ref().map(|h| format!("{}.{}", h.log_index, h.sequence)),
+                    "head_hash": info.head.map(|h| hex::encode(h.hash)),
+                    "oldest": info.base.map_or("0.0".to_owned(), |b| format!("{}.{}", b.log_index, b.sequence)),
+                    "retained": info.retained,
+                    "applied_index": info.applied_index,
+                    "sinks": sinks,
+                }),
+                as_json,
+            );
+            Ok(())
         }
         AuditSub::Verify { range } => {
             let summary = verified(&client, &range, |_| Ok(())).await?;
@@ -245,7 +238,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
             let mut file = std::io::BufWriter::new(std::fs::File::create(&partial)?);
             let written = verified(&client, &range, |record| {
                 use std::io::Write;
-                writeln!(file, "{}", record_json(record)).map_err(Failure::from)
+                writeln!(file, "{}", audit::to_json(record)).map_err(Failure::from)
             })
             .await;
             let written = match written {

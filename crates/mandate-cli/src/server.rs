@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use mandate_server::audit_sink::{SinkConfig, SinkKind};
 use mandate_server::config::{AuditConfig, GrantConfig, PeerConfig, RaftConfig};
 use mandate_server::NodeConfig;
 
@@ -47,6 +48,12 @@ pub struct ServerArgs {
     /// Audit records older than this many seconds are dropped (0 = no age limit).
     #[arg(long, env = "MANDATE_AUDIT_RETAIN_AGE_S")]
     audit_retain_age_s: Option<u64>,
+    /// Also copy the audit trail to this file as JSON lines (a sink named "file").
+    #[arg(long, env = "MANDATE_AUDIT_FILE")]
+    audit_file: Option<PathBuf>,
+    /// Rotate the --audit-file sink at this size.
+    #[arg(long, env = "MANDATE_AUDIT_FILE_MAX_BYTES", requires = "audit_file")]
+    audit_file_max_bytes: Option<u64>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(
         long,
@@ -100,6 +107,20 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
     };
     if let Some(v) = args.node_id {
         config.node_id = v;
+    }
+    if let Some(path) = args.audit_file {
+        let mut sink = SinkConfig {
+            name: "file".into(),
+            kind: SinkKind::File,
+            path: Some(path),
+            max_bytes: 100 * 1024 * 1024,
+            keep: 10,
+        };
+        if let Some(max) = args.audit_file_max_bytes {
+            sink.max_bytes = max;
+        }
+        config.audit.sinks.retain(|s| s.name != "file");
+        config.audit.sinks.push(sink);
     }
     if let Some(v) = args.audit_retain_records {
         config.audit.retain_records = v;

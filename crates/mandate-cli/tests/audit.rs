@@ -413,3 +413,83 @@ fn retention_drops_the_oldest_records_and_the_rest_still_verifies() {
         &format!("the oldest retained record is {oldest}"),
     );
 }
+
+/// Every line the file sink wrote, oldest file first.
+fn sink_lines(path: &std::path::Path) -> Vec<String> {
+    let mut files: Vec<std::path::PathBuf> = (1..=10)
+        .rev()
+        .map(|n| std::path::PathBuf::from(format!("{}.{n}", path.display())))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(path.to_owned());
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn a_file_sink_holds_the_trail_once_across_rotation_and_restart() {
+    let out = tempfile::tempdir().expect("sink dir");
+    let path = out.path().join("trail.jsonl");
+    let mut c = DevCluster::start_with_env(
+        1,
+        26000,
+        &[
+            ("MANDATE_AUDIT_FILE", path.to_str().expect("utf-8")),
+            ("MANDATE_AUDIT_FILE_MAX_BYTES", "4096"),
+        ],
+    );
+    for i in 0..12 {
+        register(&c, &c.addrs[0], &format!("sunk-{i}"));
+    }
+    let copied = |c: &DevCluster| {
+        let committed = trail(c, &c.addrs[0]);
+        common::wait_for(
+            "the sink to hold the trail",
+            std::time::Duration::from_secs(20),
+            || (sink_lines(&path) == committed).then_some(()),
+        );
+    };
+    copied(&c);
+    let rotated = std::path::PathBuf::from(format!("{}.1", path.display()));
+    assert!(rotated.exists(), "the file was rotated at 4096 bytes");
+    for file in [&path, &rotated] {
+        let size = std::fs::metadata(file).expect("size").len();
+        assert!(size <= 4096, "{} is {size} bytes", file.display());
+    }
+
+    // After a restart the sink resumes from its cursor: nothing is written twice.
+    c.stop();
+    c.restart_dev();
+    for i in 0..3 {
+        register(&c, &c.addrs[0], &format!("after-restart-{i}"));
+    }
+    copied(&c);
+    let info = c.json(&c.addrs[0], &["audit", "info"]);
+    assert_eq!(info["sinks"][0]["name"], "file");
+    assert_eq!(info["sinks"][0]["error"], "");
+}
+
+#[test]
+fn a_sink_that_cannot_write_reports_its_error_and_never_blocks_writes() {
+    let c = DevCluster::start_with_env(
+        1,
+        26200,
+        &[("MANDATE_AUDIT_FILE", "/nonexistent-mandate-dir/trail.jsonl")],
+    );
+    for i in 0..5 {
+        register(&c, &c.addrs[0], &format!("unsunk-{i}"));
+    }
+    let info = common::wait_for(
+        "the sink to report its failure",
+        std::time::Duration::from_secs(10),
+        || {
+            let info = c.json(&c.addrs[0], &["audit", "info"]);
+            (info["sinks"][0]["error"] != "").then_some(info)
+        },
+    );
+    assert!(info["sinks"][0]["lag_entries"].as_u64() > Some(0), "{info}");
+    assert_eq!(info["sinks"][0]["written"], 0);
+}

@@ -4,6 +4,7 @@
 //! `hash` empty, which prost makes canonical: fields in number order, maps as sorted maps).
 
 use prost::Message;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::StorageFault;
@@ -371,6 +372,47 @@ pub fn compact<S: StateRead + ?Sized>(
         },
     );
     Ok(dropped)
+}
+
+/// The name of a decision, as records print it.
+pub fn decision_name(d: i32) -> &'static str {
+    match pb::Decision::try_from(d) {
+        Ok(pb::Decision::Allow) => "allow",
+        Ok(pb::Decision::Deny) => "deny",
+        Ok(pb::Decision::Pending) => "pending",
+        _ => "",
+    }
+}
+
+/// A record as the JSON object `audit tail --json`, exports and sinks write.
+pub fn to_json(r: &pb::AuditRecord) -> Value {
+    json!({
+        "position": format!("{}.{}", r.log_index, r.sequence),
+        "log_index": r.log_index,
+        "sequence": r.sequence,
+        "time_ms": r.time_ms,
+        "type": r.r#type,
+        "node": r.node,
+        "request_id": r.request_id,
+        "actor_kind": r.actor_kind,
+        "actor": r.actor,
+        "agent": r.agent,
+        "user": r.user,
+        "chain": r.chain,
+        "delegation_id": r.delegation_id,
+        "action": r.action,
+        "resource": r.resource,
+        "context_digest": hex::encode(&r.context_digest),
+        "decision": decision_name(r.decision),
+        "policy_ids": r.policy_ids,
+        "reasons": r.reasons,
+        "grant_id": r.grant_id,
+        "target": r.target,
+        "result": r.result,
+        "error": r.error,
+        "prev_hash": hex::encode(&r.prev_hash),
+        "hash": hex::encode(&r.hash),
+    })
 }
 
 /// Whether `record` passes a subscription's filters.

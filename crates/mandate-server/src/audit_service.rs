@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::audit_sink::SinkStates;
 use crate::config::AuditConfig;
 use crate::{auth, status};
 
@@ -26,6 +27,7 @@ pub const SUBSCRIBE_TYPES_MAX: usize = 32;
 
 pub struct AuditService {
     node: Arc<Node>,
+    sinks: SinkStates,
 }
 
 fn position_of(p: &pb::AuditPosition) -> String {
@@ -121,8 +123,8 @@ pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Dur
 }
 
 impl AuditService {
-    pub fn new(node: Arc<Node>) -> Self {
-        AuditService { node }
+    pub fn new(node: Arc<Node>, sinks: SinkStates) -> Self {
+        AuditService { node, sinks }
     }
 }
 
@@ -254,11 +256,34 @@ impl Audit for AuditService {
             .await
             .map_err(|e| status::from_node(&e))?;
         let fault = |e: StorageFault| status::from_fault(&e);
+        let head = audit::head(&self.node.view).map_err(fault)?;
+        let head_index = head.as_ref().map_or(0, |h| h.log_index);
+        let sinks = self
+            .sinks
+            .lock()
+            .map(|states| {
+                states
+                    .iter()
+                    .map(|s| {
+                        let (log_index, sequence) = s.position.unwrap_or_default();
+                        pb::SinkStatus {
+                            name: s.name.clone(),
+                            log_index,
+                            sequence,
+                            written: s.written,
+                            lag_entries: head_index.saturating_sub(log_index),
+                            error: s.last_error.clone(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Response::new(pb::AuditInfo {
-            head: audit::head(&self.node.view).map_err(fault)?,
+            head,
             base: audit::base(&self.node.view).map_err(fault)?,
             retained: audit::retained(&self.node.view).map_err(fault)?,
             applied_index,
+            sinks,
         }))
     }
 }

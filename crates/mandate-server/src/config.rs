@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use mandate_raft::RaftTiming;
 use serde::{Deserialize, Serialize};
 
+use crate::audit_sink::SinkConfig;
+
 /// One initial member of the cluster, as listed in `peers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerConfig {
@@ -82,6 +84,8 @@ pub struct AuditConfig {
     pub retain_records: u64,
     /// Records older than this many seconds are dropped (0 = no age limit).
     pub retain_age_s: u64,
+    /// Where this node copies the trail (`[[audit.sinks]]`); only the config file declares them.
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// Records kept by default.
@@ -94,6 +98,7 @@ impl Default for AuditConfig {
         AuditConfig {
             retain_records: AUDIT_RETAIN_RECORDS_DEFAULT,
             retain_age_s: AUDIT_RETAIN_AGE_S_DEFAULT,
+            sinks: Vec::new(),
         }
     }
 }
@@ -234,6 +239,19 @@ impl NodeConfig {
                 message: format!("uses_max must be between 1 and {}", hard.uses_max),
             });
         }
+        let mut names = std::collections::BTreeSet::new();
+        for sink in &self.audit.sinks {
+            sink.validate().map_err(|message| ConfigError::Invalid {
+                key: "audit.sinks",
+                message,
+            })?;
+            if !names.insert(sink.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "audit.sinks",
+                    message: format!("two sinks are named {:?}", sink.name),
+                });
+            }
+        }
         if self.audit.retain_records == 0 {
             return Err(ConfigError::Invalid {
                 key: "audit",
@@ -276,6 +294,55 @@ mod tests {
         let back: NodeConfig = toml::from_str(&c.to_toml()).expect("parses");
         assert_eq!(back.to_toml(), c.to_toml());
         back.validate().expect("valid");
+    }
+
+    #[test]
+    fn audit_sinks_are_declared_in_the_file_and_checked() {
+        let text = r#"
+node_id = 1
+client_addr = "127.0.0.1:7400"
+peer_addr = "127.0.0.1:7500"
+data_dir = "/tmp/x"
+
+[audit]
+retain_records = 1000
+
+[[audit.sinks]]
+name = "local"
+kind = "file"
+path = "/var/log/mandate/audit.jsonl"
+
+[[audit.sinks]]
+name = "console"
+kind = "stdout"
+"#;
+        let c: NodeConfig = toml::from_str(text).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.audit.retain_records, 1000);
+        assert_eq!(c.audit.sinks.len(), 2);
+        assert_eq!(c.audit.sinks[0].max_bytes, 100 * 1024 * 1024);
+
+        let mut twice = c.clone();
+        twice.audit.sinks[1].name = "local".into();
+        assert!(twice
+            .validate()
+            .expect_err("dup")
+            .to_string()
+            .contains("two sinks"));
+        let mut no_path = c.clone();
+        no_path.audit.sinks[0].path = None;
+        assert!(no_path
+            .validate()
+            .expect_err("path")
+            .to_string()
+            .contains("needs a path"));
+        let mut none_kept = c;
+        none_kept.audit.retain_records = 0;
+        assert!(none_kept
+            .validate()
+            .expect_err("zero")
+            .to_string()
+            .contains("audit"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! proposed, and validated so that bad input is refused before it reaches the log.
 
 pub mod audit_service;
+pub mod audit_sink;
 pub mod auth;
 pub mod authz_service;
 pub mod cluster_service;

@@ -2,7 +2,7 @@
 //! services) and the peer listener (raft transport).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mandate_core::pb;
@@ -22,6 +22,7 @@ use tonic::transport::Server;
 use tonic::Status;
 
 use crate::audit_service::{self, AuditService};
+use crate::audit_sink::{self, SinkState, SinkStates};
 use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
@@ -202,8 +203,34 @@ pub async fn run(
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
+    let sinks: SinkStates = Arc::new(Mutex::new(
+        config
+            .audit
+            .sinks
+            .iter()
+            .map(|s| SinkState {
+                name: s.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+    ));
+    let sink_tasks: Vec<_> = config
+        .audit
+        .sinks
+        .iter()
+        .enumerate()
+        .map(|(index, sink)| {
+            tokio::spawn(audit_sink::run(
+                node.clone(),
+                sink.clone(),
+                config.data_dir.clone(),
+                sinks.clone(),
+                index,
+            ))
+        })
+        .collect();
     let grpc = grpc.add_service(
-        AuditServer::new(AuditService::new(node.clone()))
+        AuditServer::new(AuditService::new(node.clone(), sinks.clone()))
             .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
     let routes = Routes::from(grpc.into_axum_router().merge(http::routes(node.clone())));
@@ -236,6 +263,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     housekeeping.abort();
     audit_housekeeping.abort();
+    for task in sink_tasks {
+        task.abort();
+    }
     let served = [("client", client_task.await), ("peer", peer_task.await)];
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");

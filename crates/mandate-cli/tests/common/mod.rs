@@ -37,6 +37,8 @@ pub struct DevCluster {
     pub token: String,
     dev: Child,
     extra: Vec<Child>,
+    /// The environment `dev` was started with (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 impl DevCluster {
@@ -56,6 +58,10 @@ impl DevCluster {
             token,
             dev,
             extra: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         }
     }
 
@@ -174,7 +180,12 @@ impl DevCluster {
 
     /// Starts `dev` again on the same directory.
     pub fn restart_dev(&mut self) {
-        self.dev = spawn_dev(self.dir.path(), self.nodes, self.base, &[]);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.dev = spawn_dev(self.dir.path(), self.nodes, self.base, &env);
         let (addrs, token) = wait_for_env(self.dir.path());
         self.addrs = addrs;
         self.token = token;
