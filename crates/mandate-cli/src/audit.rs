@@ -83,6 +83,15 @@ enum AuditSub {
     },
     /// The head, the oldest retained position, and this node's sinks with their lag.
     Info,
+    /// The audit HMAC of a value (an operator token id), or of a request context given as
+    /// KEY=VALUE pairs: what records show in `actor`, `target` or `context_digest`.
+    Hash {
+        #[arg(required_unless_present = "context", conflicts_with = "context")]
+        value: Option<String>,
+        /// A context entry KEY=VALUE (repeatable): hash the whole context as Authorize did.
+        #[arg(long)]
+        context: Vec<String>,
+    },
     /// Write records to a file, one JSON object per line (written whole, then renamed into
     /// place); the chain is checked on the way and the file is not kept if it does not verify.
     Export {
@@ -197,6 +206,29 @@ pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
                 Ok(())
             })
             .await
+        }
+        AuditSub::Hash { value, context } => {
+            let value = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    let mut entries = std::collections::BTreeMap::new();
+                    for entry in &context {
+                        let (k, v) = entry.split_once('=').ok_or_else(|| {
+                            Failure(format!("--context {entry:?}: expected KEY=VALUE"))
+                        })?;
+                        entries.insert(k.to_owned(), v.to_owned());
+                    }
+                    audit::canonical_context(&entries)
+                }
+            };
+            let r = client
+                .audit(|mut c| {
+                    let value = value.clone();
+                    async move { c.hash(pb::AuditHashRequest { value }).await }
+                })
+                .await?;
+            print(&json!({ "hmac": hex::encode(r.hmac) }), as_json);
+            Ok(())
         }
         AuditSub::Info => {
             let info = client

@@ -52,6 +52,8 @@ fn every_command_leaves_one_attributed_record_and_every_node_holds_the_same_veri
                 "read",
                 "--resource",
                 resource,
+                "--context",
+                "ticket=INC-4242",
             ],
         )
     };
@@ -158,6 +160,23 @@ fn every_command_leaves_one_attributed_record_and_every_node_holds_the_same_veri
         (&consumed[0]["result"], &consumed[1]["result"]),
         (&Value::from("ok"), &Value::from("failed_precondition"))
     );
+
+    // Token ids and contexts appear only as their audit HMACs, which `audit hash` computes.
+    let token_id = c
+        .token
+        .strip_prefix("mdt_")
+        .and_then(|t| t.split_once('.'))
+        .map(|(id, _)| id.to_owned())
+        .expect("token id");
+    let hashed = c.json(&all, &["audit", "hash", &token_id]);
+    assert_eq!(register[0]["actor"], hashed["hmac"]);
+    assert!(
+        !leader_trail.iter().any(|l| l.contains(&token_id)),
+        "a token id entered the trail"
+    );
+    let context = c.json(&all, &["audit", "hash", "--context", "ticket=INC-4242"]);
+    assert_eq!(decisions[0]["context_digest"], context["hmac"]);
+    assert!(!leader_trail.iter().any(|l| l.contains("INC-4242")));
 
     // Every node holds the same trail, byte for byte, and it verifies everywhere.
     for addr in &c.addrs[1..] {

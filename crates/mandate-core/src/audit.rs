@@ -44,19 +44,17 @@ pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
     }
 }
 
-/// The SHA-256 of a request context, as `key=value` lines in key order.
-pub fn context_digest(context: &std::collections::BTreeMap<String, String>) -> Vec<u8> {
-    if context.is_empty() {
-        return Vec::new();
-    }
-    let mut hasher = Sha256::new();
+/// A request context in the form its audit HMAC is taken over: `key=value` lines in key order,
+/// each ended by a newline.
+pub fn canonical_context(context: &std::collections::BTreeMap<String, String>) -> Vec<u8> {
+    let mut text = Vec::new();
     for (k, v) in context {
-        hasher.update(k.as_bytes());
-        hasher.update(b"=");
-        hasher.update(v.as_bytes());
-        hasher.update(b"\n");
+        text.extend_from_slice(k.as_bytes());
+        text.push(b'=');
+        text.extend_from_slice(v.as_bytes());
+        text.push(b'\n');
     }
-    hasher.finalize().to_vec()
+    text
 }
 
 /// The hash of a record: SHA-256 of its encoding with `hash` empty.
@@ -80,8 +78,8 @@ pub fn check(record: &pb::AuditRecord, prev_hash: Option<&[u8]>) -> Result<(), S
 }
 
 fn actor(command: &pb::Command) -> (&'static str, String) {
-    if let Some(CommandKind::BootstrapCluster(b)) = &command.kind {
-        return ("operator", b.root_token_id.clone());
+    if let Some(CommandKind::BootstrapCluster(_)) = &command.kind {
+        return ("operator", command.audit_actor.clone());
     }
     if matches!(
         command.kind,
@@ -90,7 +88,8 @@ fn actor(command: &pb::Command) -> (&'static str, String) {
         return ("system", String::new());
     }
     if !command.operator_token_id.is_empty() {
-        ("operator", command.operator_token_id.clone())
+        // Token ids are named by their HMAC only (stamped by the serving node).
+        ("operator", command.audit_actor.clone())
     } else if !command.user.is_empty() {
         ("user", command.user.clone())
     } else if !command.agent.is_empty() {
@@ -110,8 +109,9 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
         Some(CommandKind::SetAgentStatus(c)) => record.target = c.agent_id.clone(),
         Some(CommandKind::AddAgentKey(c)) => record.target = c.agent_id.clone(),
         Some(CommandKind::RemoveAgentKey(c)) => record.target = c.agent_id.clone(),
-        Some(CommandKind::CreateOperatorToken(c)) => record.target = c.token_id.clone(),
-        Some(CommandKind::RevokeOperatorToken(c)) => record.target = c.token_id.clone(),
+        Some(CommandKind::CreateOperatorToken(_) | CommandKind::RevokeOperatorToken(_)) => {
+            record.target = command.audit_target.clone()
+        }
         Some(CommandKind::PutIssuer(c)) => {
             record.target = c
                 .issuer
@@ -140,7 +140,7 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
             record.delegation_id = c.delegation_id.clone();
             record.action = c.action.clone();
             record.resource = c.resource.clone();
-            record.context_digest = context_digest(&c.request_context);
+            record.context_digest = command.audit_context.clone();
             record.agent = command.agent.clone();
         }
         Some(CommandKind::DecideApproval(c)) => record.target = c.approval_id.clone(),
@@ -519,6 +519,7 @@ mod tests {
             &empty,
             &pb::Command {
                 user: "alice".into(),
+                audit_context: vec![7; 32],
                 kind: Some(CommandKind::Authorize(pb::Authorize {
                     delegation_id: "dlg_1".into(),
                     action: "read".into(),
@@ -541,6 +542,10 @@ mod tests {
         assert_eq!(r.error, "delegation_id: no");
         assert_eq!((r.actor_kind.as_str(), r.actor.as_str()), ("user", "alice"));
         assert_eq!(r.resource, "secret/x");
-        assert_eq!(r.context_digest.len(), 32);
+        assert_eq!(
+            r.context_digest,
+            vec![7; 32],
+            "the serving node's HMAC, as stamped"
+        );
     }
 }

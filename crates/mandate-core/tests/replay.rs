@@ -321,6 +321,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
         assertion_expires_ms: time_ms + 60_000,
         serving_node: u64::from(n as u8 % 3) + 1,
         kind: Some(kind),
+        ..Default::default()
     }
 }
 

@@ -16,18 +16,22 @@ use tonic::{Request, Response, Status};
 
 use crate::audit_sink::SinkStates;
 use crate::config::AuditConfig;
+use crate::sealing::AuditHasher;
 use crate::{auth, status};
 
 /// Records read from storage per step.
 pub const SUBSCRIBE_CHUNK: usize = 256;
 /// Records buffered per subscriber before reading pauses.
 pub const SUBSCRIBER_BUFFER: usize = 1024;
+/// Longest value `Hash` takes.
+pub const AUDIT_HASH_VALUE_MAX: usize = 64 * 1024;
 /// Most type filters in one subscription.
 pub const SUBSCRIBE_TYPES_MAX: usize = 32;
 
 pub struct AuditService {
     node: Arc<Node>,
     sinks: SinkStates,
+    hasher: AuditHasher,
 }
 
 fn position_of(p: &pb::AuditPosition) -> String {
@@ -123,8 +127,12 @@ pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Dur
 }
 
 impl AuditService {
-    pub fn new(node: Arc<Node>, sinks: SinkStates) -> Self {
-        AuditService { node, sinks }
+    pub fn new(node: Arc<Node>, sinks: SinkStates, hasher: AuditHasher) -> Self {
+        AuditService {
+            node,
+            sinks,
+            hasher,
+        }
     }
 }
 
@@ -243,6 +251,29 @@ impl Audit for AuditService {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         tokio::spawn(feed(self.node.clone(), r, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn hash(
+        &self,
+        request: Request<pb::AuditHashRequest>,
+    ) -> Result<Response<pb::AuditHashResponse>, Status> {
+        auth::operator(&self.node, request.metadata()).await?;
+        let r = request.into_inner();
+        if r.value.len() > AUDIT_HASH_VALUE_MAX {
+            return Err(status::from_domain(&DomainError::invalid(
+                "value",
+                format!("is at most {AUDIT_HASH_VALUE_MAX} bytes"),
+            )));
+        }
+        let hmac = self.hasher.hmac(&r.value).ok_or_else(|| {
+            status::from_domain(&DomainError::precondition(
+                "kek",
+                "this node has no key-encryption key, so no audit key",
+            ))
+        })?;
+        Ok(Response::new(pb::AuditHashResponse {
+            hmac: hmac.to_vec(),
+        }))
     }
 
     async fn info(

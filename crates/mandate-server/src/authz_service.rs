@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::GrantConfig;
 use crate::registry_service::check_size;
+use crate::sealing::AuditHasher;
 use crate::server::{submit, submit_as, Principal};
 use crate::tokens::{self, Signer};
 use crate::{auth, status};
@@ -25,6 +26,7 @@ pub const APPROVAL_WAIT_MS_MAX: u64 = 60_000;
 /// Delegation, policy and authorization, served by every node.
 pub struct AuthzService {
     node: Arc<Node>,
+    hasher: AuditHasher,
     signer: Arc<Signer>,
     grants: GrantConfig,
 }
@@ -45,6 +47,7 @@ impl AuthzService {
     pub fn new(node: Arc<Node>, signer: Arc<Signer>, grants: GrantConfig) -> Self {
         AuthzService {
             node,
+            hasher: AuditHasher::new(signer.kek()),
             signer,
             grants,
         }
@@ -217,6 +220,7 @@ impl Authz for AuthzService {
         tokens::check_jwks(&issuer.jwks_json).map_err(domain)?;
         let (_, index) = submit(
             &self.node,
+            &self.hasher,
             &token,
             Kind::PutIssuer(pb::PutIssuer {
                 issuer: Some(issuer.clone()),
@@ -256,6 +260,7 @@ impl Authz for AuthzService {
             .map_err(|p| domain(policy::problems_error("text", &p)))?;
         let (applied, index) = submit(
             &self.node,
+            &self.hasher,
             &token,
             Kind::PutPolicy(pb::PutPolicy {
                 name: r.name,
@@ -315,6 +320,7 @@ impl Authz for AuthzService {
         policy::document_name(&name).map_err(domain)?;
         let (_, index) = submit(
             &self.node,
+            &self.hasher,
             &token,
             Kind::DeletePolicy(pb::DeletePolicy { name }),
         )
@@ -379,8 +385,13 @@ impl Authz for AuthzService {
             approval_actions: r.approval_actions,
         };
         authz::delegation_shape(&command).map_err(domain)?;
-        let (applied, index) =
-            submit_as(&self.node, principal, Kind::CreateDelegation(command)).await?;
+        let (applied, index) = submit_as(
+            &self.node,
+            &self.hasher,
+            principal,
+            Kind::CreateDelegation(command),
+        )
+        .await?;
         Ok(Response::new(DelegationResponse {
             delegation: applied.delegation,
             applied_index: index,
@@ -462,6 +473,7 @@ impl Authz for AuthzService {
         }
         let (applied, index) = submit_as(
             &self.node,
+            &self.hasher,
             principal,
             Kind::RevokeDelegation(pb::RevokeDelegation { delegation_id: id }),
         )
@@ -508,7 +520,13 @@ impl Authz for AuthzService {
             jti: String::new(),
             expires_ms: 0,
         };
-        let (applied, index) = submit_as(&self.node, principal, Kind::Authorize(command)).await?;
+        let (applied, index) = submit_as(
+            &self.node,
+            &self.hasher,
+            principal,
+            Kind::Authorize(command),
+        )
+        .await?;
         let decided = applied
             .decision
             .ok_or_else(|| Status::internal("apply returned no decision"))?;
@@ -597,7 +615,8 @@ impl Authz for AuthzService {
             approve: r.approve,
             grant_id: String::new(),
         });
-        let (applied, index) = submit_as(&self.node, Principal::User(user), kind).await?;
+        let (applied, index) =
+            submit_as(&self.node, &self.hasher, Principal::User(user), kind).await?;
         Ok(Response::new(ApprovalResponse {
             approval: applied.approval,
             applied_index: index,
@@ -615,7 +634,7 @@ impl Authz for AuthzService {
             action: String::new(),
             resource: String::new(),
         });
-        let (applied, index) = submit_as(&self.node, Principal::Bearer, kind).await?;
+        let (applied, index) = submit_as(&self.node, &self.hasher, Principal::Bearer, kind).await?;
         Ok(Response::new(GrantResponse {
             grant: applied.grant,
             applied_index: index,
@@ -698,6 +717,7 @@ impl Authz for AuthzService {
         let key = tokens::new_signing_key(kek);
         let (_, index) = submit(
             &self.node,
+            &self.hasher,
             &token,
             Kind::AddSigningKey(pb::AddSigningKey { key: Some(key) }),
         )
@@ -728,6 +748,7 @@ impl Authz for AuthzService {
         let sealed = kek.seal(&secret_purpose(&r.path), &r.value);
         let (applied, index) = submit_as(
             &self.node,
+            &self.hasher,
             principal,
             Kind::PutSecret(pb::PutSecret {
                 path: r.path.clone(),
@@ -754,7 +775,7 @@ impl Authz for AuthzService {
             action: "read".into(),
             resource: r.path.clone(),
         });
-        let (_, index) = submit_as(&self.node, Principal::Bearer, kind).await?;
+        let (_, index) = submit_as(&self.node, &self.hasher, Principal::Bearer, kind).await?;
         self.caught_up(index).await?;
         let secret = authz::latest_secret(&self.node.view, &r.path)
             .map_err(fault)?
@@ -819,7 +840,7 @@ impl AuthzService {
             grant_id,
             how: how as i32,
         });
-        let (applied, index) = submit_as(&self.node, principal, kind).await?;
+        let (applied, index) = submit_as(&self.node, &self.hasher, principal, kind).await?;
         Ok(Response::new(GrantResponse {
             grant: applied.grant,
             applied_index: index,

@@ -24,6 +24,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::NodeConfig;
+use crate::sealing::AuditHasher;
 use crate::server::submit;
 use crate::tokens::Signer;
 use crate::{auth, status};
@@ -39,6 +40,7 @@ pub const SNAPSHOT_BUILD_TIMEOUT_MS: u64 = 60_000;
 pub struct ClusterService {
     node: Arc<Node>,
     config: NodeConfig,
+    hasher: AuditHasher,
     signer: Arc<Signer>,
 }
 
@@ -47,6 +49,7 @@ impl ClusterService {
         ClusterService {
             node,
             config,
+            hasher: AuditHasher::new(signer.kek()),
             signer,
         }
     }
@@ -123,6 +126,8 @@ impl ClusterService {
                 root_secret_sha256: root.secret_sha256(),
                 signing_key: self.signer.kek().map(crate::tokens::new_signing_key),
             })),
+            audit_actor: self.hasher.token_id(&root.id),
+            serving_node: self.node.id,
             ..Default::default()
         };
         let result = self
@@ -372,7 +377,7 @@ impl Cluster for ClusterService {
             name,
             secret_sha256: token.secret_sha256(),
         });
-        let (_, index) = submit(&self.node, &actor, kind).await?;
+        let (_, index) = submit(&self.node, &self.hasher, &actor, kind).await?;
         Ok(Response::new(CreateTokenResponse {
             id: token.id.clone(),
             token: token.render(),
@@ -393,7 +398,7 @@ impl Cluster for ClusterService {
             )));
         }
         let kind = Kind::RevokeOperatorToken(pb::RevokeOperatorToken { token_id: id });
-        let (_, index) = submit(&self.node, &actor, kind).await?;
+        let (_, index) = submit(&self.node, &self.hasher, &actor, kind).await?;
         Ok(Response::new(RevokeTokenResponse {
             applied_index: index,
         }))

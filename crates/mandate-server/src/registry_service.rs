@@ -17,17 +17,19 @@ use mandate_raft::{Node, ReadConsistency};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::sealing::AuditHasher;
 use crate::server::submit;
 use crate::{auth, status, REQUEST_BYTES_MAX};
 
 /// The agent registry, served by every node.
 pub struct RegistryService {
     node: Arc<Node>,
+    hasher: AuditHasher,
 }
 
 impl RegistryService {
-    pub fn new(node: Arc<Node>) -> Self {
-        RegistryService { node }
+    pub fn new(node: Arc<Node>, hasher: AuditHasher) -> Self {
+        RegistryService { node, hasher }
     }
 }
 
@@ -125,7 +127,7 @@ impl RegistryService {
             agent_id: id,
             status: status as i32,
         });
-        let (applied, index) = submit(&self.node, &token, kind).await?;
+        let (applied, index) = submit(&self.node, &self.hasher, &token, kind).await?;
         agent_response(applied, index)
     }
 }
@@ -166,7 +168,13 @@ impl AgentRegistry for RegistryService {
                 ),
             )));
         }
-        let (applied, index) = submit(&self.node, &token, Kind::RegisterAgent(command)).await?;
+        let (applied, index) = submit(
+            &self.node,
+            &self.hasher,
+            &token,
+            Kind::RegisterAgent(command),
+        )
+        .await?;
         agent_response(applied, index)
     }
 
@@ -286,7 +294,8 @@ impl AgentRegistry for RegistryService {
         };
         validate::update_agent(&command).map_err(invalid)?;
         existing_agent(&self.node, &command.agent_id).await?;
-        let (applied, index) = submit(&self.node, &token, Kind::UpdateAgent(command)).await?;
+        let (applied, index) =
+            submit(&self.node, &self.hasher, &token, Kind::UpdateAgent(command)).await?;
         agent_response(applied, index)
     }
 
@@ -328,7 +337,7 @@ impl AgentRegistry for RegistryService {
             agent_id: r.id,
             key: Some(key),
         });
-        let (applied, index) = submit(&self.node, &token, kind).await?;
+        let (applied, index) = submit(&self.node, &self.hasher, &token, kind).await?;
         agent_response(applied, index)
     }
 
@@ -352,7 +361,7 @@ impl AgentRegistry for RegistryService {
             agent_id: r.id,
             kid: r.kid,
         });
-        let (applied, index) = submit(&self.node, &token, kind).await?;
+        let (applied, index) = submit(&self.node, &self.hasher, &token, kind).await?;
         agent_response(applied, index)
     }
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use hmac::{Hmac, KeyInit as HmacKeyInit, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 
 const NONCE_BYTES: usize = 12;
 
@@ -15,6 +17,59 @@ const NONCE_BYTES: usize = 12;
 #[derive(Clone)]
 pub struct Kek {
     cipher: ChaCha20Poly1305,
+    /// The audit HMAC key derived from it (see [`AuditHasher`]).
+    audit_key: [u8; 32],
+}
+
+/// What the audit key is derived for; changing it changes every audit HMAC.
+const AUDIT_KEY_LABEL: &[u8] = b"mandate/v1/audit-hmac-key";
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn hmac(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac =
+        <HmacSha256 as HmacKeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// HMAC-SHA256 of the sensitive strings that audit records name (operator token ids, request
+/// contexts), keyed by a key derived from the KEK — the same on every node, never stored.
+/// Without a KEK there is no key and those fields stay empty; they never fall back to the
+/// plain value.
+#[derive(Clone, Default)]
+pub struct AuditHasher {
+    key: Option<[u8; 32]>,
+}
+
+impl AuditHasher {
+    pub fn new(kek: Option<&Kek>) -> Self {
+        AuditHasher {
+            key: kek.map(|k| k.audit_key),
+        }
+    }
+
+    /// The HMAC of `value`, or `None` without a key.
+    pub fn hmac(&self, value: &[u8]) -> Option<[u8; 32]> {
+        self.key.map(|key| hmac(&key, value))
+    }
+
+    /// A token id as the trail names it: hex HMAC (empty without a key).
+    pub fn token_id(&self, id: &str) -> String {
+        self.hmac(id.as_bytes())
+            .map(hex::encode)
+            .unwrap_or_default()
+    }
+
+    /// A request context as the trail names it: the HMAC of its canonical form.
+    pub fn context(&self, context: &std::collections::BTreeMap<String, String>) -> Vec<u8> {
+        if context.is_empty() {
+            return Vec::new();
+        }
+        self.hmac(&mandate_core::audit::canonical_context(context))
+            .map(|h| h.to_vec())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +90,7 @@ impl Kek {
         let key: [u8; 32] = bytes.try_into().map_err(|_| KekError::Malformed)?;
         Ok(Kek {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            audit_key: hmac(&key, AUDIT_KEY_LABEL),
         })
     }
 

@@ -28,6 +28,7 @@ use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::http;
 use crate::registry_service::RegistryService;
+use crate::sealing::AuditHasher;
 use crate::sealing::Kek;
 use crate::tokens::Signer;
 use crate::{status, CLIENT_MESSAGE_BYTES_MAX};
@@ -94,25 +95,44 @@ impl Principal {
 /// Proposes one command as the given operator and returns what apply made of it.
 pub(crate) async fn submit(
     node: &Node,
+    hasher: &AuditHasher,
     token: &pb::OperatorToken,
     kind: pb::command::Kind,
 ) -> Result<(pb::CommandApplied, u64), Status> {
-    submit_as(node, Principal::Operator(token.id.clone()), kind).await
+    submit_as(node, hasher, Principal::Operator(token.id.clone()), kind).await
 }
 
-/// Proposes one command for `principal` and returns what apply made of it.
+/// Proposes one command for `principal` and returns what apply made of it. The audit record's
+/// stand-ins for sensitive values (token ids, the request context) are computed here, by the
+/// serving node, with the audit key.
 pub(crate) async fn submit_as(
     node: &Node,
+    hasher: &AuditHasher,
     principal: Principal,
     kind: pb::command::Kind,
 ) -> Result<(pb::CommandApplied, u64), Status> {
     let mut command = pb::Command {
-        kind: Some(kind),
         serving_node: node.id,
         ..Default::default()
     };
+    match &kind {
+        pb::command::Kind::CreateOperatorToken(c) => {
+            command.audit_target = hasher.token_id(&c.token_id)
+        }
+        pb::command::Kind::RevokeOperatorToken(c) => {
+            command.audit_target = hasher.token_id(&c.token_id)
+        }
+        pb::command::Kind::Authorize(c) => {
+            command.audit_context = hasher.context(&c.request_context)
+        }
+        _ => {}
+    }
+    command.kind = Some(kind);
     match principal {
-        Principal::Operator(id) => command.operator_token_id = id,
+        Principal::Operator(id) => {
+            command.audit_actor = hasher.token_id(&id);
+            command.operator_token_id = id;
+        }
         Principal::User(id) => command.user = id,
         Principal::Agent {
             id,
@@ -184,8 +204,11 @@ pub async fn run(
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
     let grpc = Routes::new(
-        AgentRegistryServer::new(RegistryService::new(node.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        AgentRegistryServer::new(RegistryService::new(
+            node.clone(),
+            AuditHasher::new(signer.kek()),
+        ))
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     )
     .add_service(
         ClusterServer::new(ClusterService::new(
@@ -230,8 +253,12 @@ pub async fn run(
         })
         .collect();
     let grpc = grpc.add_service(
-        AuditServer::new(AuditService::new(node.clone(), sinks.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        AuditServer::new(AuditService::new(
+            node.clone(),
+            sinks.clone(),
+            AuditHasher::new(signer.kek()),
+        ))
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
     let routes = Routes::from(grpc.into_axum_router().merge(http::routes(node.clone())));
     // HTTP/1.1 beside gRPC on the same port, for the JWKS document and the probes.
