@@ -254,6 +254,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), Failure> {
                     "oldest": info.base.map_or("0.0".to_owned(), |b| format!("{}.{}", b.log_index, b.sequence)),
                     "retained": info.retained,
                     "applied_index": info.applied_index,
+                    "refusals_dropped": info.refusals_dropped,
                     "sinks": sinks,
                 }),
                 as_json,

@@ -7,6 +7,7 @@ use common::{refused, DevCluster, World};
 use mandate_client::pb;
 use prost::Message;
 use serde_json::Value;
+use std::process::Command;
 
 /// Every record on the node at `addr`, as the JSON lines `audit tail --json` prints.
 fn trail(c: &DevCluster, addr: &str) -> Vec<String> {
@@ -511,4 +512,107 @@ fn a_sink_that_cannot_write_reports_its_error_and_never_blocks_writes() {
     );
     assert!(info["sinks"][0]["lag_entries"].as_u64() > Some(0), "{info}");
     assert_eq!(info["sinks"][0]["written"], 0);
+}
+
+#[test]
+fn refused_authentications_are_recorded_and_a_flood_is_counted_not_lost() {
+    let c = DevCluster::start(1, 26400);
+    // Well formed, but no such token: refused after a lookup, and named by its id's HMAC.
+    let bad_operator = format!("mdt_tok_0123456789abcdef.{}", "0".repeat(64));
+    let bad_operator = bad_operator.as_str();
+    for _ in 0..3 {
+        let out = Command::new(env!("CARGO_BIN_EXE_mandate"))
+            .args(["agent", "list"])
+            .env("MANDATE_ADDR", &c.addrs[0])
+            .env("MANDATE_TOKEN", bad_operator)
+            .output()
+            .expect("run mandate");
+        assert!(!out.status.success());
+    }
+    refused(
+        &c,
+        &[
+            "delegate",
+            "create",
+            "--user-token",
+            "not.a.jwt",
+            "--agent",
+            "agt_00000000000000000000000000000001",
+            "--action",
+            "read",
+            "--resource",
+            "secret/x",
+        ],
+        "Unauthenticated",
+        "user token",
+    );
+    let hashed = c.json(&c.addrs[0], &["audit", "hash", "tok_0123456789abcdef"]);
+    let records = common::wait_for(
+        "the refusals to be recorded",
+        std::time::Duration::from_secs(10),
+        || {
+            let records = parsed(&trail(&c, &c.addrs[0]));
+            let refusals = of_type(&records, "authentication_refused").len();
+            (refusals >= 4).then_some(records)
+        },
+    );
+    let refusals = of_type(&records, "authentication_refused");
+    let operators: Vec<_> = refusals
+        .iter()
+        .filter(|r| r["actor_kind"] == "operator")
+        .collect();
+    assert_eq!(operators.len(), 3, "{refusals:?}");
+    assert!(operators.iter().all(|r| r["actor"] == hashed["hmac"]));
+    assert!(operators.iter().all(|r| r["result"] == "unauthenticated"));
+    assert_eq!(
+        refusals
+            .iter()
+            .filter(|r| r["actor_kind"] == "user")
+            .count(),
+        1
+    );
+
+    // A flood beyond the queue is dropped from the trail, counted, and the count recorded.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = std::sync::Arc::new(common::client_at(&c.addrs[0], bad_operator));
+        let calls = (0..1500).map(|_| {
+            let client = client.clone();
+            async move {
+                client
+                    .registry(|mut r| async move { r.list(pb::ListAgentsRequest::default()).await })
+                    .await
+            }
+        });
+        let results = futures_join_all(calls).await;
+        assert!(results.iter().all(Result::is_err));
+    });
+    let info = c.json(&c.addrs[0], &["audit", "info"]);
+    assert!(info["refusals_dropped"].as_u64() > Some(0), "{info}");
+    common::wait_for(
+        "the dropped count to be recorded",
+        std::time::Duration::from_secs(10),
+        || {
+            let records = parsed(&trail(&c, &c.addrs[0]));
+            let dropped: u64 = of_type(&records, "authentication_refusals_dropped")
+                .iter()
+                .filter_map(|r| r["target"].as_str()?.parse::<u64>().ok())
+                .sum();
+            (dropped >= info["refusals_dropped"].as_u64().unwrap_or(u64::MAX)).then_some(())
+        },
+    );
+}
+
+/// Runs the futures concurrently and collects their results in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
 }

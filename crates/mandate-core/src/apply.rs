@@ -29,9 +29,26 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     log_index: u64,
 ) -> Result<Vec<pb::CommandResult>, StorageFault> {
     let mut sequence: u32 = 0;
+    // Audit records are numbered within the entry; most commands write exactly one.
+    let mut record_sequence: u32 = 0;
     let mut results = Vec::with_capacity(batch.commands.len());
-    for (position, command) in (0u32..).zip(&batch.commands) {
+    for command in &batch.commands {
         let time_ms = command.time_ms.max(state.clock_ms()?);
+        if let Some(CommandKind::RecordRefusals(r)) = &command.kind {
+            // Refusals write the trail only: one record each.
+            for mut record in audit::refusal_records(command, r, log_index, time_ms) {
+                record.sequence = record_sequence;
+                record_sequence += 1;
+                audit::append(state, record)?;
+            }
+            results.push(pb::CommandResult {
+                log_index,
+                outcome: Some(pb::command_result::Outcome::Applied(
+                    pb::CommandApplied::default(),
+                )),
+            });
+            continue;
+        }
         let outcome = if let Some(CommandKind::CompactAudit(c)) = &command.kind {
             // Leader housekeeping that only touches the trail (which events do not rebuild).
             audit::compact(state, (c.below_log_index, c.below_sequence))?;
@@ -59,7 +76,14 @@ pub fn apply_batch<S: StateRead + ?Sized>(
                 }
             }
         };
-        let record = audit::record(state, command, &outcome, (log_index, position), time_ms)?;
+        let record = audit::record(
+            state,
+            command,
+            &outcome,
+            (log_index, record_sequence),
+            time_ms,
+        )?;
+        record_sequence += 1;
         audit::append(state, record)?;
         results.push(pb::CommandResult {
             log_index,
@@ -232,10 +256,10 @@ fn decide_for(
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
         CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
-        CommandKind::CompactAudit(_) => {
+        CommandKind::CompactAudit(_) | CommandKind::RecordRefusals(_) => {
             return Ok(Err(DomainError::invalid(
                 "command",
-                "audit compaction writes the trail only and is applied by apply_batch",
+                "this command writes the audit trail only and is applied by apply_batch",
             )))
         }
         CommandKind::PutSecret(c) => {

@@ -40,6 +40,7 @@ pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
             CommandKind::ExpireGrants(_) => "expire_grants",
             CommandKind::PutSecret(_) => "put_secret",
             CommandKind::CompactAudit(_) => "compact_audit",
+            CommandKind::RecordRefusals(_) => "record_refusals",
         },
     }
 }
@@ -83,7 +84,11 @@ fn actor(command: &pb::Command) -> (&'static str, String) {
     }
     if matches!(
         command.kind,
-        Some(CommandKind::ExpireGrants(_) | CommandKind::CompactAudit(_))
+        Some(
+            CommandKind::ExpireGrants(_)
+                | CommandKind::CompactAudit(_)
+                | CommandKind::RecordRefusals(_)
+        )
     ) {
         return ("system", String::new());
     }
@@ -155,7 +160,7 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
         Some(CommandKind::CompactAudit(c)) => {
             record.target = format!("{}.{}", c.below_log_index, c.below_sequence)
         }
-        Some(CommandKind::ExpireGrants(_)) | None => {}
+        Some(CommandKind::ExpireGrants(_) | CommandKind::RecordRefusals(_)) | None => {}
     }
 }
 
@@ -282,6 +287,48 @@ pub fn record(
     }
     attribute(&mut record, state)?;
     Ok(record)
+}
+
+/// The records of a batch of refused authentications: one per refusal, and one counting the
+/// refusals that were dropped before they could be recorded.
+pub fn refusal_records(
+    command: &pb::Command,
+    batch: &pb::RecordRefusals,
+    log_index: u64,
+    time_ms: u64,
+) -> Vec<pb::AuditRecord> {
+    let base = pb::AuditRecord {
+        log_index,
+        time_ms,
+        node: command.serving_node,
+        request_id: command.request_id.clone(),
+        result: "unauthenticated".into(),
+        ..Default::default()
+    };
+    let mut records: Vec<pb::AuditRecord> = batch
+        .refusals
+        .iter()
+        .map(|r| pb::AuditRecord {
+            r#type: "authentication_refused".into(),
+            actor_kind: r.kind.clone(),
+            actor: r.subject.clone(),
+            error: r.reason.clone(),
+            ..base.clone()
+        })
+        .collect();
+    if batch.dropped > 0 {
+        records.push(pb::AuditRecord {
+            r#type: "authentication_refusals_dropped".into(),
+            actor_kind: "system".into(),
+            target: batch.dropped.to_string(),
+            error: format!(
+                "{} refused authentications on node {} were not recorded (rate limit)",
+                batch.dropped, command.serving_node
+            ),
+            ..base
+        });
+    }
+    records
 }
 
 /// The newest record's position and hash, if any record was written.

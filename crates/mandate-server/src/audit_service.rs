@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit_sink::SinkStates;
 use crate::config::AuditConfig;
+use crate::refusals::Refusals;
 use crate::sealing::AuditHasher;
 use crate::{auth, status};
 
@@ -32,6 +33,7 @@ pub struct AuditService {
     node: Arc<Node>,
     sinks: SinkStates,
     hasher: AuditHasher,
+    refusals: Arc<Refusals>,
 }
 
 fn position_of(p: &pb::AuditPosition) -> String {
@@ -127,11 +129,17 @@ pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Dur
 }
 
 impl AuditService {
-    pub fn new(node: Arc<Node>, sinks: SinkStates, hasher: AuditHasher) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        sinks: SinkStates,
+        hasher: AuditHasher,
+        refusals: Arc<Refusals>,
+    ) -> Self {
         AuditService {
             node,
             sinks,
             hasher,
+            refusals,
         }
     }
 }
@@ -222,7 +230,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let r = request.into_inner();
         check_filter(&r).map_err(|e| status::from_domain(&e))?;
         if let (Some(from), Some(base)) = (
@@ -257,7 +265,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::AuditHashRequest>,
     ) -> Result<Response<pb::AuditHashResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let r = request.into_inner();
         if r.value.len() > AUDIT_HASH_VALUE_MAX {
             return Err(status::from_domain(&DomainError::invalid(
@@ -280,7 +288,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::AuditInfoRequest>,
     ) -> Result<Response<pb::AuditInfo>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let applied_index = self
             .node
             .read_barrier(ReadConsistency::Linearizable, 0)
@@ -315,6 +323,7 @@ impl Audit for AuditService {
             retained: audit::retained(&self.node.view).map_err(fault)?,
             applied_index,
             sinks,
+            refusals_dropped: self.refusals.dropped(),
         }))
     }
 }

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+use crate::refusals::Refusals;
 use crate::status;
 
 /// The bearer token presented with a request, if any.
@@ -48,8 +49,21 @@ fn digests_match(a: &[u8], b: &[u8]) -> bool {
 
 /// Authenticates the caller as an operator. A token unknown to this node may have been created
 /// on another node moments ago, so the node catches up linearizably before refusing.
-pub async fn operator(node: &Node, metadata: &MetadataMap) -> Result<pb::OperatorToken, Status> {
-    let secret = bearer(metadata)?;
+/// Every refusal of a presented token is queued for the audit trail.
+pub async fn operator(
+    node: &Node,
+    refusals: &Refusals,
+    metadata: &MetadataMap,
+) -> Result<pb::OperatorToken, Status> {
+    let secret = match bearer(metadata) {
+        Ok(s) => s,
+        Err(status) => {
+            if metadata.get("authorization").is_some() {
+                refusals.operator(None, status.message());
+            }
+            return Err(status);
+        }
+    };
     if let Some(token) = check(node, &secret)? {
         return Ok(token);
     }
@@ -57,8 +71,8 @@ pub async fn operator(node: &Node, metadata: &MetadataMap) -> Result<pb::Operato
         .await
         .map_err(|e| status::from_node(&e))?;
     check(node, &secret)?.ok_or_else(|| {
-        status::from_domain(&DomainError::unauthenticated(
-            "the operator token is unknown, revoked or wrong",
-        ))
+        let reason = "the operator token is unknown, revoked or wrong";
+        refusals.operator(Some(&secret.id), reason);
+        status::from_domain(&DomainError::unauthenticated(reason))
     })
 }

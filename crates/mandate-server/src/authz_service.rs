@@ -14,6 +14,7 @@ use mandate_raft::{Node, ReadConsistency};
 use tonic::{Request, Response, Status};
 
 use crate::config::GrantConfig;
+use crate::refusals::Refusals;
 use crate::registry_service::check_size;
 use crate::sealing::AuditHasher;
 use crate::server::{submit, submit_as, Principal};
@@ -29,6 +30,7 @@ pub struct AuthzService {
     hasher: AuditHasher,
     signer: Arc<Signer>,
     grants: GrantConfig,
+    refusals: Arc<Refusals>,
 }
 
 fn domain(e: DomainError) -> Status {
@@ -44,12 +46,18 @@ fn now_ms() -> u64 {
 }
 
 impl AuthzService {
-    pub fn new(node: Arc<Node>, signer: Arc<Signer>, grants: GrantConfig) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        signer: Arc<Signer>,
+        grants: GrantConfig,
+        refusals: Arc<Refusals>,
+    ) -> Self {
         AuthzService {
             node,
             hasher: AuditHasher::new(signer.kek()),
             signer,
             grants,
+            refusals,
         }
     }
 
@@ -110,7 +118,11 @@ impl AuthzService {
             // An issuer registered moments ago elsewhere: catch up once before refusing.
             Err(_) => {
                 self.linearizable().await?;
-                tokens::verify_user_token(&self.node.view, token).map_err(domain)
+                tokens::verify_user_token(&self.node.view, token).map_err(|e| {
+                    self.refusals
+                        .user(tokens::claimed(token, "sub").as_deref(), &e.message);
+                    domain(e)
+                })
             }
         }
     }
@@ -121,8 +133,13 @@ impl AuthzService {
             Ok(a) => Ok(a),
             Err(_) => {
                 self.linearizable().await?;
-                tokens::verify_agent_assertion(&self.node.view, &cluster_id, assertion)
-                    .map_err(domain)
+                tokens::verify_agent_assertion(&self.node.view, &cluster_id, assertion).map_err(
+                    |e| {
+                        self.refusals
+                            .agent(tokens::claimed(assertion, "iss").as_deref(), &e.message);
+                        domain(e)
+                    },
+                )
             }
         }
     }
@@ -140,7 +157,7 @@ impl AuthzService {
         if !agent_assertion.is_empty() {
             return Ok(Principal::agent(self.agent(agent_assertion).await?));
         }
-        let token = auth::operator(&self.node, metadata).await?;
+        let token = auth::operator(&self.node, &self.refusals, metadata).await?;
         Ok(Principal::Operator(token.id))
     }
 
@@ -210,7 +227,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<PutIssuerRequest>,
     ) -> Result<Response<IssuerResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let issuer = request
             .into_inner()
@@ -237,7 +254,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<ListIssuersRequest>,
     ) -> Result<Response<ListIssuersResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         self.linearizable().await?;
         let issuers = self
             .node
@@ -252,7 +269,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<PolicyResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let r = request.into_inner();
         policy::document_name(&r.name).map_err(domain)?;
@@ -278,7 +295,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<PolicyNameRequest>,
     ) -> Result<Response<PolicyResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let name = request.into_inner().name;
         policy::document_name(&name).map_err(domain)?;
         let index = self.linearizable().await?;
@@ -304,7 +321,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         self.linearizable().await?;
         let policies = policy::documents(&self.node.view).map_err(fault)?;
         let version = policy::policy_version(&self.node.view).map_err(fault)?;
@@ -315,7 +332,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<PolicyNameRequest>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let name = request.into_inner().name;
         policy::document_name(&name).map_err(domain)?;
         let (_, index) = submit(
@@ -334,7 +351,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<ValidatePolicyRequest>,
     ) -> Result<Response<ValidatePolicyResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let text = request.into_inner().text;
         Ok(Response::new(
@@ -707,7 +724,7 @@ impl Authz for AuthzService {
         &self,
         request: Request<RotateKeysRequest>,
     ) -> Result<Response<JwksResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let kek = self.signer.kek().ok_or_else(|| {
             domain(DomainError::precondition(
                 "kek",

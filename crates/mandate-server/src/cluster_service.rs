@@ -24,6 +24,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::NodeConfig;
+use crate::refusals::Refusals;
 use crate::sealing::AuditHasher;
 use crate::server::submit;
 use crate::tokens::Signer;
@@ -42,15 +43,22 @@ pub struct ClusterService {
     config: NodeConfig,
     hasher: AuditHasher,
     signer: Arc<Signer>,
+    refusals: Arc<Refusals>,
 }
 
 impl ClusterService {
-    pub fn new(node: Arc<Node>, config: NodeConfig, signer: Arc<Signer>) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        config: NodeConfig,
+        signer: Arc<Signer>,
+        refusals: Arc<Refusals>,
+    ) -> Self {
         ClusterService {
             node,
             config,
             hasher: AuditHasher::new(signer.kek()),
             signer,
+            refusals,
         }
     }
 
@@ -239,7 +247,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let local = self.local_status();
         let metrics = self.node.metrics();
         let membership = metrics.membership_config.membership().clone();
@@ -274,7 +282,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         Ok(Response::new(self.local_status()))
     }
 
@@ -282,7 +290,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<AddLearnerRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let m = request
             .into_inner()
             .member
@@ -308,7 +316,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberIdRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         self.change(Change::Promote(request.into_inner().id)).await
     }
 
@@ -316,7 +324,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberIdRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         self.change(Change::Remove(request.into_inner().id)).await
     }
 
@@ -326,7 +334,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<SnapshotRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let applied = self.node.view.applied_index();
         self.node
             .raft
@@ -362,7 +370,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let actor = auth::operator(&self.node, request.metadata()).await?;
+        let actor = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let name = request.into_inner().name;
         validate::token_name(&name).map_err(|e| status::from_domain(&e))?;
         if !actor.root {
@@ -389,7 +397,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        let actor = auth::operator(&self.node, request.metadata()).await?;
+        let actor = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let id = request.into_inner().id;
         if id.is_empty() {
             return Err(status::from_domain(&DomainError::invalid(

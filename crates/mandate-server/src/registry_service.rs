@@ -17,6 +17,7 @@ use mandate_raft::{Node, ReadConsistency};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::refusals::Refusals;
 use crate::sealing::AuditHasher;
 use crate::server::submit;
 use crate::{auth, status, REQUEST_BYTES_MAX};
@@ -25,11 +26,16 @@ use crate::{auth, status, REQUEST_BYTES_MAX};
 pub struct RegistryService {
     node: Arc<Node>,
     hasher: AuditHasher,
+    refusals: Arc<Refusals>,
 }
 
 impl RegistryService {
-    pub fn new(node: Arc<Node>, hasher: AuditHasher) -> Self {
-        RegistryService { node, hasher }
+    pub fn new(node: Arc<Node>, hasher: AuditHasher, refusals: Arc<Refusals>) -> Self {
+        RegistryService {
+            node,
+            hasher,
+            refusals,
+        }
     }
 }
 
@@ -120,7 +126,7 @@ impl RegistryService {
         request: Request<AgentIdRequest>,
         status: pb::AgentStatus,
     ) -> Result<Response<AgentResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let id = request.into_inner().id;
         existing_agent(&self.node, &id).await?;
         let kind = Kind::SetAgentStatus(pb::SetAgentStatus {
@@ -138,7 +144,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<RegisterAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let r = request.into_inner();
         let command = validate::register_agent(&pb::RegisterAgent {
@@ -182,7 +188,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<GetAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let r = request.into_inner();
         if r.id_or_name.is_empty() {
             return Err(invalid(DomainError::invalid(
@@ -207,7 +213,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        auth::operator(&self.node, request.metadata()).await?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let r = request.into_inner();
         let page_size = match r.page_size {
             0 => LIST_PAGE_SIZE_DEFAULT,
@@ -280,7 +286,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<UpdateAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let r = request.into_inner();
         let command = pb::UpdateAgent {
@@ -324,7 +330,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<AddAgentKeyRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         check_size(request.get_ref())?;
         let r = request.into_inner();
         let key = r
@@ -345,7 +351,7 @@ impl AgentRegistry for RegistryService {
         &self,
         request: Request<RemoveAgentKeyRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        let token = auth::operator(&self.node, request.metadata()).await?;
+        let token = auth::operator(&self.node, &self.refusals, request.metadata()).await?;
         let r = request.into_inner();
         if r.kid.is_empty() {
             return Err(invalid(DomainError::invalid("kid", "must not be empty")));

@@ -27,6 +27,7 @@ use crate::authz_service::{self, AuthzService};
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::http;
+use crate::refusals::{self, Refusals};
 use crate::registry_service::RegistryService;
 use crate::sealing::AuditHasher;
 use crate::sealing::Kek;
@@ -203,10 +204,13 @@ pub async fn run(
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
+    let refusals = Refusals::new(AuditHasher::new(signer.kek()));
+    let refusal_task = tokio::spawn(refusals::flush(node.clone(), refusals.clone()));
     let grpc = Routes::new(
         AgentRegistryServer::new(RegistryService::new(
             node.clone(),
             AuditHasher::new(signer.kek()),
+            refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     )
@@ -215,6 +219,7 @@ pub async fn run(
             node.clone(),
             config.clone(),
             signer.clone(),
+            refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     )
@@ -223,6 +228,7 @@ pub async fn run(
             node.clone(),
             signer.clone(),
             config.grants.clone(),
+            refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
@@ -257,6 +263,7 @@ pub async fn run(
             node.clone(),
             sinks.clone(),
             AuditHasher::new(signer.kek()),
+            refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
@@ -290,6 +297,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     housekeeping.abort();
     audit_housekeeping.abort();
+    refusal_task.abort();
     for task in sink_tasks {
         task.abort();
     }
