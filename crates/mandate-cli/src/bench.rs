@@ -1,8 +1,9 @@
-//! `mandate bench register|authorize|evaluate`: registrations or authorizations per second
-//! against a running cluster with a given number of concurrent clients, and in-process
-//! decision evaluations per second. Each client has its own connections and starts at a
+//! `mandate bench register|authorize|evaluate|audit`: registrations or authorizations per
+//! second against a running cluster with a given number of concurrent clients, in-process
+//! decision evaluations per second, and the audit trail's lag, replay and stall cost. Each client has its own connections and starts at a
 //! different node, so followers forward to the leader as they would in production.
 
+mod audit;
 mod evaluate;
 
 use std::sync::Arc;
@@ -41,6 +42,14 @@ enum BenchSub {
     Evaluate {
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
+    },
+    /// Audit under authorize load: subscriber lag, the effect of a stalled subscriber on
+    /// write throughput and its catch-up, and replay from storage.
+    Audit {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
     },
     /// Register agents as fast as N concurrent clients can, for each N given.
     Register {
@@ -287,6 +296,26 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
             duration_secs,
         } => (clients, duration_secs, Load::Authorize),
         BenchSub::Evaluate { iterations } => return evaluate::run(iterations, cmd.connection.json),
+        BenchSub::Audit {
+            clients,
+            duration_secs,
+        } => {
+            if clients == 0 || clients > BENCH_CLIENTS_MAX || duration_secs == 0 {
+                return Err(Failure(format!(
+                    "--clients is 1 to {BENCH_CLIENTS_MAX} and --duration-secs at least 1"
+                )));
+            }
+            let world = Arc::new(authorize_world(&cmd.connection.client()?).await?);
+            let result = audit::run(
+                &cmd.connection,
+                clients,
+                Duration::from_secs(duration_secs),
+                world,
+            )
+            .await?;
+            print(&result, cmd.connection.json);
+            return Ok(());
+        }
     };
     if clients.iter().any(|c| *c == 0 || *c > BENCH_CLIENTS_MAX) {
         return Err(Failure(format!(

@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 pub use mandate_proto::v1 as pb;
-pub use tonic::Code;
+pub use tonic::{Code, Streaming};
 
 /// How long a connection attempt to one node may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
