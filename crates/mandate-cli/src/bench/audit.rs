@@ -1,8 +1,8 @@
 //! `mandate bench audit`: what the audit trail costs and how fast it flows, under authorize
-//! load. Three phases of the same load: with no subscriber (the baseline), with a live
-//! subscriber on the last node given (the lag from a command's stamp to its record arriving),
-//! and with a subscriber that stops reading (whether writes slow down, then how fast it
-//! catches up). Then a replay of the whole retained trail from storage.
+//! load. Four phases of the same load: with no subscriber, with a subscriber that stops
+//! reading (whether writes slow down, then how fast it catches up), with no subscriber again,
+//! and with a live subscriber on the last node given (the lag from a command's stamp to its
+//! record arriving). Then a replay of the whole retained trail from storage.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +69,29 @@ pub async fn run(
 
     let baseline = phase(connection, clients, duration, Some(world.clone())).await?;
 
+    // A stalled subscriber: opened, then not read while the load runs.
+    let mut stalled = subscribe(&client, after(&head(&client).await?), true).await?;
+    let with_stalled = phase(connection, clients, duration, Some(world.clone())).await?;
+    let target = head(&client).await?;
+    let started = Instant::now();
+    let mut caught_up = 0u64;
+    while let Some(r) = stalled
+        .message()
+        .await
+        .map_err(|e| Failure(e.to_string()))?
+    {
+        caught_up += 1;
+        if (r.log_index, r.sequence) >= (target.log_index, target.sequence) {
+            break;
+        }
+    }
+    let catch_up_s = started.elapsed().as_secs_f64();
+    drop(stalled);
+
+    // The baseline again: the state grows from phase to phase, so the stalled phase is
+    // compared with the mean of the runs before and after it.
+    let baseline_after = phase(connection, clients, duration, Some(world.clone())).await?;
+
     // A live subscriber: lag from each authorize command's stamp to its record's arrival.
     let mut live = subscribe(&client, after(&head(&client).await?), true).await?;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -96,25 +119,6 @@ pub async fn run(
         .map_err(|e| Failure(format!("the subscriber failed: {e}")))?;
     lags.sort_unstable();
 
-    // A stalled subscriber: opened, then not read while the load runs.
-    let mut stalled = subscribe(&client, after(&head(&client).await?), true).await?;
-    let with_stalled = phase(connection, clients, duration, Some(world.clone())).await?;
-    let target = head(&client).await?;
-    let started = Instant::now();
-    let mut caught_up = 0u64;
-    while let Some(r) = stalled
-        .message()
-        .await
-        .map_err(|e| Failure(e.to_string()))?
-    {
-        caught_up += 1;
-        if (r.log_index, r.sequence) >= (target.log_index, target.sequence) {
-            break;
-        }
-    }
-    let catch_up_s = started.elapsed().as_secs_f64();
-    drop(stalled);
-
     // Replay of the retained trail from storage.
     let started = Instant::now();
     let mut replay = subscribe(&client, None, false).await?;
@@ -134,11 +138,16 @@ pub async fn run(
         "clients": clients,
         "subscriber_node": last,
         "authorize_per_second": {
-            "no_subscriber": rate(&baseline),
-            "live_subscriber": rate(&with_live),
+            "no_subscriber_before": rate(&baseline),
             "stalled_subscriber": rate(&with_stalled),
+            "no_subscriber_after": rate(&baseline_after),
+            "live_subscriber": rate(&with_live),
         },
-        "stalled_over_baseline": if rate(&baseline) > 0.0 { rate(&with_stalled) / rate(&baseline) } else { 0.0 },
+        "stalled_over_baseline": if rate(&baseline) + rate(&baseline_after) > 0.0 {
+            2.0 * rate(&with_stalled) / (rate(&baseline) + rate(&baseline_after))
+        } else {
+            0.0
+        },
         "lag_ms": {
             "records": lags.len(),
             "p50": percentile(&lags, 0.5),
