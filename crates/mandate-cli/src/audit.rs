@@ -1,8 +1,11 @@
 //! `mandate audit`: read, follow and verify the audit trail.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mandate_client::{pb, Client, ClientError};
 use mandate_core::audit;
 use serde_json::{json, Value};
@@ -322,6 +325,9 @@ async fn verified(
     // (or none, when nothing was ever compacted).
     let mut prev: Option<Vec<u8>> =
         from_oldest.then(|| info.base.map(|b| b.prev_hash).unwrap_or_default());
+    let keys = CheckpointKeys::fetch(client).await?;
+    let mut hashes: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut checkpoints = 0u64;
     let mut first: Option<String> = None;
     let mut last: Option<String> = None;
     let mut count = 0u64;
@@ -332,6 +338,17 @@ async fn verified(
                 pos(&record)
             ))
         })?;
+        if record.r#type == "audit_checkpoint" && record.result == "ok" {
+            keys.check(&record, hashes.get(&record.target))
+                .map_err(|why| {
+                    Failure(format!(
+                        "the audit trail does not verify at {}: the checkpoint {why}",
+                        pos(&record)
+                    ))
+                })?;
+            checkpoints += 1;
+        }
+        hashes.insert(pos(&record), record.hash.clone());
         each(&record)?;
         first.get_or_insert_with(|| pos(&record));
         last = Some(pos(&record));
@@ -351,8 +368,61 @@ async fn verified(
     }
     Ok(json!({
         "verified": count,
+        "checkpoints": checkpoints,
         "from": first,
         "to": last,
         "head_hash": prev.map(hex::encode),
     }))
+}
+
+/// The cluster's published keys, to check signed checkpoints with.
+struct CheckpointKeys {
+    jwks: JwkSet,
+    issuer: String,
+}
+
+impl CheckpointKeys {
+    async fn fetch(client: &Client) -> Result<Self, Failure> {
+        let r = client
+            .authz(|mut c| async move { c.jwks(pb::JwksRequest {}).await })
+            .await?;
+        Ok(CheckpointKeys {
+            jwks: serde_json::from_str(&r.jwks_json)
+                .map_err(|e| Failure(format!("the cluster JWKS does not parse: {e}")))?,
+            issuer: r.grant_issuer,
+        })
+    }
+
+    /// Checks the checkpoint's signature against the JWKS and that it vouches for the record
+    /// it names (when that record was read: `vouched`).
+    fn check(&self, record: &pb::AuditRecord, vouched: Option<&Vec<u8>>) -> Result<(), String> {
+        let header = jsonwebtoken::decode_header(&record.checkpoint)
+            .map_err(|e| format!("is malformed: {e}"))?;
+        let kid = header.kid.ok_or("names no key")?;
+        let jwk = self
+            .jwks
+            .find(&kid)
+            .ok_or_else(|| format!("is signed by {kid}, which the JWKS does not hold"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[self.issuer.as_str()]);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["iss", "sub"]);
+        let claims = jsonwebtoken::decode::<Value>(&record.checkpoint, &key, &validation)
+            .map_err(|e| format!("signature does not verify: {e}"))?
+            .claims;
+        let claim = |name: &str| claims[name].as_str().unwrap_or_default().to_owned();
+        if claim("sub") != mandate_server::tokens::CHECKPOINT_SUBJECT
+            || claim("position") != record.target
+        {
+            return Err("is not the checkpoint its record says".into());
+        }
+        match vouched {
+            Some(hash) if hex::encode(hash) != claim("hash") => {
+                Err(format!("names a hash that {} does not have", record.target))
+            }
+            _ => Ok(()),
+        }
+    }
 }

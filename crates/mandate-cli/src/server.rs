@@ -48,6 +48,9 @@ pub struct ServerArgs {
     /// Audit records older than this many seconds are dropped (0 = no age limit).
     #[arg(long, env = "MANDATE_AUDIT_RETAIN_AGE_S")]
     audit_retain_age_s: Option<u64>,
+    /// Seconds between signed checkpoints of the audit trail (the leader's setting decides).
+    #[arg(long, env = "MANDATE_AUDIT_CHECKPOINT_INTERVAL_S")]
+    audit_checkpoint_interval_s: Option<u64>,
     /// Also copy the audit trail to this file as JSON lines (a sink named "file").
     #[arg(long, env = "MANDATE_AUDIT_FILE")]
     audit_file: Option<PathBuf>,
@@ -121,6 +124,9 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
         }
         config.audit.sinks.retain(|s| s.name != "file");
         config.audit.sinks.push(sink);
+    }
+    if let Some(v) = args.audit_checkpoint_interval_s {
+        config.audit.checkpoint_interval_s = v;
     }
     if let Some(v) = args.audit_retain_records {
         config.audit.retain_records = v;

@@ -616,3 +616,39 @@ where
     }
     out
 }
+
+#[test]
+fn the_leader_signs_checkpoints_that_verify_against_the_published_keys() {
+    let c = DevCluster::start_with_env(1, 26600, &[("MANDATE_AUDIT_CHECKPOINT_INTERVAL_S", "1")]);
+    for i in 0..3 {
+        register(&c, &c.addrs[0], &format!("vouched-{i}"));
+    }
+    let records = common::wait_for(
+        "a signed checkpoint",
+        std::time::Duration::from_secs(15),
+        || {
+            let records = parsed(&trail(&c, &c.addrs[0]));
+            (!of_type(&records, "audit_checkpoint").is_empty()).then_some(records)
+        },
+    );
+    let checkpoint = of_type(&records, "audit_checkpoint")[0].clone();
+    assert_eq!(checkpoint["actor_kind"], "system");
+    assert_eq!(checkpoint["result"], "ok");
+    let vouched = records
+        .iter()
+        .find(|r| r["position"] == checkpoint["target"])
+        .expect("the record the checkpoint vouches for");
+    let jws = checkpoint["checkpoint"].as_str().expect("jws");
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            jws.split('.').nth(1).expect("payload"),
+        )
+        .expect("base64"),
+    )
+    .expect("claims");
+    assert_eq!(claims["hash"], vouched["hash"]);
+
+    let verified = c.json(&c.addrs[0], &["audit", "verify"]);
+    assert!(verified["checkpoints"].as_u64() >= Some(1), "{verified}");
+}

@@ -53,6 +53,11 @@ pub fn apply_batch<S: StateRead + ?Sized>(
             // Leader housekeeping that only touches the trail (which events do not rebuild).
             audit::compact(state, (c.below_log_index, c.below_sequence))?;
             pb::command_result::Outcome::Applied(pb::CommandApplied::default())
+        } else if let Some(CommandKind::AuditCheckpoint(c)) = &command.kind {
+            match audit::checkpoint(state, c)? {
+                Ok(()) => pb::command_result::Outcome::Applied(pb::CommandApplied::default()),
+                Err(e) => pb::command_result::Outcome::Error((&e).into()),
+            }
         } else {
             match decide(state, engine, command, time_ms)? {
                 Err(error) => pb::command_result::Outcome::Error((&error).into()),
@@ -256,7 +261,9 @@ fn decide_for(
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
         CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
-        CommandKind::CompactAudit(_) | CommandKind::RecordRefusals(_) => {
+        CommandKind::CompactAudit(_)
+        | CommandKind::RecordRefusals(_)
+        | CommandKind::AuditCheckpoint(_) => {
             return Ok(Err(DomainError::invalid(
                 "command",
                 "this command writes the audit trail only and is applied by apply_batch",

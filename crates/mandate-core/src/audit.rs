@@ -7,7 +7,7 @@ use prost::Message;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::error::StorageFault;
+use crate::error::{DomainError, StorageFault};
 use crate::pb::command::Kind as CommandKind;
 use crate::pb::command_result::Outcome;
 use crate::state::{decode, Overlay, StateRead};
@@ -41,6 +41,7 @@ pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
             CommandKind::PutSecret(_) => "put_secret",
             CommandKind::CompactAudit(_) => "compact_audit",
             CommandKind::RecordRefusals(_) => "record_refusals",
+            CommandKind::AuditCheckpoint(_) => "audit_checkpoint",
         },
     }
 }
@@ -88,6 +89,7 @@ fn actor(command: &pb::Command) -> (&'static str, String) {
             CommandKind::ExpireGrants(_)
                 | CommandKind::CompactAudit(_)
                 | CommandKind::RecordRefusals(_)
+                | CommandKind::AuditCheckpoint(_)
         )
     ) {
         return ("system", String::new());
@@ -159,6 +161,10 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
         Some(CommandKind::BootstrapCluster(c)) => record.target = c.cluster_id.clone(),
         Some(CommandKind::CompactAudit(c)) => {
             record.target = format!("{}.{}", c.below_log_index, c.below_sequence)
+        }
+        Some(CommandKind::AuditCheckpoint(c)) => {
+            record.target = format!("{}.{}", c.log_index, c.sequence);
+            record.checkpoint = c.jws.clone();
         }
         Some(CommandKind::ExpireGrants(_) | CommandKind::RecordRefusals(_)) | None => {}
     }
@@ -360,6 +366,46 @@ pub fn append<S: StateRead + ?Sized>(
     Ok(())
 }
 
+/// Records a checkpoint when it vouches for a stored record with the hash it names; the
+/// signature is for auditors to check against the cluster JWKS (`mandate audit verify`).
+pub fn checkpoint<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    c: &pb::AuditCheckpoint,
+) -> Result<Result<(), DomainError>, StorageFault> {
+    let key = keys::audit(c.log_index, c.sequence);
+    let stored: Option<pb::AuditRecord> = state.get(&key)?.map(|v| decode(&key, &v)).transpose()?;
+    match stored {
+        Some(r) if r.hash == c.hash && !c.jws.is_empty() => {
+            state.put_message(
+                keys::AUDIT_CHECKPOINT.to_vec(),
+                &pb::AuditPosition {
+                    log_index: c.log_index,
+                    sequence: c.sequence,
+                },
+            );
+            Ok(Ok(()))
+        }
+        Some(_) => Ok(Err(DomainError::invalid(
+            "hash",
+            "does not match the record the checkpoint names",
+        ))),
+        None => Ok(Err(DomainError::not_found(
+            "position",
+            format!("no audit record at {}.{}", c.log_index, c.sequence),
+        ))),
+    }
+}
+
+/// The position the last checkpoint vouched for.
+pub fn last_checkpoint(
+    state: &(impl StateRead + ?Sized),
+) -> Result<Option<pb::AuditPosition>, StorageFault> {
+    state
+        .get(keys::AUDIT_CHECKPOINT)?
+        .map(|v| decode(keys::AUDIT_CHECKPOINT, &v))
+        .transpose()
+}
+
 /// Most records one compaction command drops.
 pub const COMPACT_RECORDS_MAX: usize = 10_000;
 
@@ -457,6 +503,7 @@ pub fn to_json(r: &pb::AuditRecord) -> Value {
         "target": r.target,
         "result": r.result,
         "error": r.error,
+        "checkpoint": r.checkpoint,
         "prev_hash": hex::encode(&r.prev_hash),
         "hash": hex::encode(&r.hash),
     })

@@ -13,6 +13,8 @@ pub const EVENT_PREFIX: &[u8] = b"event/";
 pub const AUDIT_PREFIX: &[u8] = b"audit/";
 /// → [`crate::pb::AuditHead`]: the newest audit record's position and hash.
 pub const AUDIT_HEAD: &[u8] = b"audit-head";
+/// → [`crate::pb::AuditPosition`] of the record the last checkpoint vouched for.
+pub const AUDIT_CHECKPOINT: &[u8] = b"audit-checkpoint";
 /// → [`crate::pb::AuditBase`], once the trail was compacted.
 pub const AUDIT_BASE: &[u8] = b"audit-base";
 /// → [`crate::pb::ClusterInfo`], present once the cluster is bootstrapped.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mandate_core::state::decode;
+use mandate_core::state::{decode, StateExt, StateRead};
 use mandate_core::{audit, keys, pb, DomainError, StorageFault};
 use mandate_proto::v1::audit_server::Audit;
 use mandate_raft::{Node, ReadConsistency};
@@ -18,6 +18,7 @@ use crate::audit_sink::SinkStates;
 use crate::config::AuditConfig;
 use crate::refusals::Refusals;
 use crate::sealing::AuditHasher;
+use crate::tokens::Signer;
 use crate::{auth, status};
 
 /// Records read from storage per step.
@@ -94,10 +95,57 @@ fn compaction_due(
     Ok((below > first && droppable).then_some(below))
 }
 
-/// Leader housekeeping: compact the trail when it holds more than the retention allows.
-pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Duration) {
+/// A checkpoint of the current head, when the trail grew since the last one.
+fn checkpoint_due(
+    node: &Node,
+    signer: &Signer,
+    now_ms: u64,
+) -> Result<Option<pb::AuditCheckpoint>, DomainError> {
+    let fault = |e: StorageFault| DomainError::precondition("state", e.0);
+    let Some(head) = audit::head(&node.view).map_err(fault)? else {
+        return Ok(None);
+    };
+    let last = audit::last_checkpoint(&node.view).map_err(fault)?;
+    if last.is_some_and(|p| (p.log_index, p.sequence) == (head.log_index, head.sequence)) {
+        return Ok(None);
+    }
+    // Nothing but the last checkpoint's own record since it: an idle trail is not re-signed.
+    let key = keys::audit(head.log_index, head.sequence);
+    let newest: Option<pb::AuditRecord> = node
+        .view
+        .get(&key)
+        .and_then(|v| v.map(|v| decode(&key, &v)).transpose())
+        .map_err(fault)?;
+    if newest.is_some_and(|r| r.r#type == "audit_checkpoint") {
+        return Ok(None);
+    }
+    let cluster_id = node
+        .view
+        .cluster()
+        .map_err(fault)?
+        .map(|c| c.cluster_id)
+        .ok_or_else(|| DomainError::precondition("cluster", "is not initialised yet"))?;
+    let jws = signer.sign_checkpoint(&node.view, &cluster_id, &head, now_ms / 1000)?;
+    Ok(Some(pb::AuditCheckpoint {
+        log_index: head.log_index,
+        sequence: head.sequence,
+        hash: head.hash,
+        jws,
+    }))
+}
+
+/// Leader housekeeping: compact the trail when it holds more than the retention allows, and
+/// sign a checkpoint every `checkpoint_interval_s` when it has grown.
+pub async fn housekeeping(
+    node: Arc<Node>,
+    retention: AuditConfig,
+    signer: Arc<Signer>,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let checkpoint_every = Duration::from_secs(retention.checkpoint_interval_s);
+    let mut last_checkpoint = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if node.metrics().current_leader != Some(node.id) {
@@ -106,6 +154,23 @@ pub async fn housekeeping(node: Arc<Node>, retention: AuditConfig, interval: Dur
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if last_checkpoint.elapsed() >= checkpoint_every {
+            last_checkpoint = tokio::time::Instant::now();
+            match checkpoint_due(&node, &signer, now) {
+                Ok(Some(c)) => {
+                    let command = pb::Command {
+                        kind: Some(pb::command::Kind::AuditCheckpoint(c)),
+                        serving_node: node.id,
+                        ..Default::default()
+                    };
+                    if let Err(e) = node.write(command).await {
+                        tracing::debug!(error = %e, "audit checkpoint did not run");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot sign an audit checkpoint"),
+            }
+        }
         let below = match compaction_due(&node, &retention, now) {
             Ok(Some(below)) => below,
             Ok(None) => continue,

@@ -84,6 +84,8 @@ pub struct AuditConfig {
     pub retain_records: u64,
     /// Records older than this many seconds are dropped (0 = no age limit).
     pub retain_age_s: u64,
+    /// How often the leader signs a checkpoint of the trail (when it has grown).
+    pub checkpoint_interval_s: u64,
     /// Where this node copies the trail (`[[audit.sinks]]`); only the config file declares them.
     pub sinks: Vec<SinkConfig>,
 }
@@ -98,6 +100,7 @@ impl Default for AuditConfig {
         AuditConfig {
             retain_records: AUDIT_RETAIN_RECORDS_DEFAULT,
             retain_age_s: AUDIT_RETAIN_AGE_S_DEFAULT,
+            checkpoint_interval_s: 60,
             sinks: Vec::new(),
         }
     }
@@ -251,6 +254,12 @@ impl NodeConfig {
                     message: format!("two sinks are named {:?}", sink.name),
                 });
             }
+        }
+        if self.audit.checkpoint_interval_s == 0 {
+            return Err(ConfigError::Invalid {
+                key: "audit",
+                message: "checkpoint_interval_s must be at least 1".into(),
+            });
         }
         if self.audit.retain_records == 0 {
             return Err(ConfigError::Invalid {

@@ -282,6 +282,7 @@ pub async fn run(
     let audit_housekeeping = tokio::spawn(audit_service::housekeeping(
         node.clone(),
         config.audit.clone(),
+        signer.clone(),
         Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
     ));
     let housekeeping = tokio::spawn(authz_service::housekeeping(

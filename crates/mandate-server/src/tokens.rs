@@ -39,6 +39,9 @@ pub fn grant_issuer(cluster_id: &str) -> String {
     format!("urn:mandate:{cluster_id}")
 }
 
+/// The `sub` of audit checkpoints, so that one is never mistaken for a grant.
+pub const CHECKPOINT_SUBJECT: &str = "mandate:audit-checkpoint";
+
 fn signing_purpose(kid: &str) -> String {
     format!("mandate:signing-key:{kid}")
 }
@@ -190,6 +193,33 @@ impl Signer {
         let encoding = EncodingKey::from_ed_der(der.as_bytes());
         cache.insert(kid.to_owned(), encoding.clone());
         Ok(encoding)
+    }
+
+    /// A checkpoint of the audit trail: a compact JWS by the active cluster key whose claims
+    /// name the record's position and hash and the count of records appended so far.
+    pub fn sign_checkpoint(
+        &self,
+        state: &(impl StateRead + ?Sized),
+        cluster_id: &str,
+        head: &pb::AuditHead,
+        now_s: u64,
+    ) -> Result<String, DomainError> {
+        let active = authz::active_signing_key(state)
+            .map_err(state_fault)?
+            .ok_or_else(|| DomainError::precondition("kid", "the cluster has no signing key"))?;
+        let key = self.encoding_key(state, &active.kid)?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(active.kid);
+        let claims = json!({
+            "iss": grant_issuer(cluster_id),
+            "sub": CHECKPOINT_SUBJECT,
+            "position": format!("{}.{}", head.log_index, head.sequence),
+            "hash": hex::encode(&head.hash),
+            "records": head.records,
+            "iat": now_s,
+        });
+        jsonwebtoken::encode(&header, &claims, &key)
+            .map_err(|e| DomainError::precondition("checkpoint", e.to_string()))
     }
 
     /// The grant as a signed JWT (its claims are fully determined by the grant record).
