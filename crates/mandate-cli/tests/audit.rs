@@ -652,3 +652,245 @@ fn the_leader_signs_checkpoints_that_verify_against_the_published_keys() {
     let verified = c.json(&c.addrs[0], &["audit", "verify"]);
     assert!(verified["checkpoints"].as_u64() >= Some(1), "{verified}");
 }
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Records written by housekeeping rather than by a caller's request.
+const HOUSEKEEPING: [&str; 5] = [
+    "audit_checkpoint",
+    "compact_audit",
+    "expire_grants",
+    "authentication_refused",
+    "authentication_refusals_dropped",
+];
+
+/// Follows the trail call by call: each call must leave exactly one record of its own.
+struct Expect<'a> {
+    c: &'a DevCluster,
+    seen: usize,
+}
+
+impl Expect<'_> {
+    /// Runs `args` (which must succeed) and returns its JSON and the one record it left, which
+    /// must be of `kind` and by an actor of `actor_kind`.
+    fn one(&mut self, args: &[&str], kind: &str, actor_kind: &str) -> (Value, Value) {
+        let out = self.c.json(&self.c.addrs.join(","), args);
+        let records = parsed(&trail(self.c, &self.c.addrs[0]));
+        let new: Vec<&Value> = records[self.seen..]
+            .iter()
+            .filter(|r| !HOUSEKEEPING.contains(&r["type"].as_str().unwrap_or_default()))
+            .collect();
+        self.seen = records.len();
+        assert_eq!(new.len(), 1, "{args:?} left {new:?}");
+        assert_eq!(new[0]["type"], kind, "{args:?}: {}", new[0]);
+        assert_eq!(new[0]["actor_kind"], actor_kind, "{args:?}: {}", new[0]);
+        assert_eq!(new[0]["result"], "ok", "{args:?}: {}", new[0]);
+        (out, new[0].clone())
+    }
+}
+
+#[test]
+fn every_call_that_changes_state_or_decides_leaves_exactly_one_attributed_record() {
+    let c = DevCluster::start(1, 26800);
+    let world = World::create(&c, "every");
+    let key = c.dir.path().join("every.pem");
+    let key = key.to_str().expect("utf-8");
+    let agent = world.agent_id.as_str();
+    let alice = world.alice.as_str();
+    let mut expect = Expect {
+        c: &c,
+        seen: trail(&c, &c.addrs[0]).len(),
+    };
+
+    let (token, record) = expect.one(
+        &["token", "create", "--name", "ops"],
+        "create_operator_token",
+        "operator",
+    );
+    let token_id = token["id"].as_str().expect("token id");
+    let hashed = c.json(&c.addrs[0], &["audit", "hash", token_id]);
+    assert_eq!(record["target"], hashed["hmac"]);
+    expect.one(
+        &["token", "revoke", token_id],
+        "revoke_operator_token",
+        "operator",
+    );
+
+    for (args, kind) in [
+        (
+            vec!["agent", "update", agent, "--description", "audited"],
+            "update_agent",
+        ),
+        (vec!["agent", "suspend", agent], "set_agent_status"),
+        (vec!["agent", "resume", agent], "set_agent_status"),
+    ] {
+        let (_, record) = expect.one(&args, kind, "operator");
+        assert_eq!(record["target"], agent);
+    }
+    let second_key = c.dir.path().join("second.pem");
+    let jwk = c.json(
+        &c.addrs[0],
+        &[
+            "agent",
+            "keygen",
+            "--out",
+            second_key.to_str().expect("utf-8"),
+        ],
+    );
+    expect.one(
+        &[
+            "agent",
+            "add-key",
+            agent,
+            "--public-key",
+            second_key.to_str().expect("utf-8"),
+        ],
+        "add_agent_key",
+        "operator",
+    );
+    expect.one(
+        &[
+            "agent",
+            "remove-key",
+            agent,
+            jwk["kid"].as_str().expect("kid"),
+        ],
+        "remove_agent_key",
+        "operator",
+    );
+
+    let extra = c.dir.path().join("extra.cedar");
+    std::fs::write(
+        &extra,
+        "@id(\"nobody\")\nforbid(principal == User::\"mallory\", action, resource);\n",
+    )
+    .expect("policy file");
+    expect.one(
+        &["policy", "put", "extra", extra.to_str().expect("utf-8")],
+        "put_policy",
+        "operator",
+    );
+    expect.one(&["policy", "delete", "extra"], "delete_policy", "operator");
+    expect.one(&["keys", "rotate"], "add_signing_key", "operator");
+    expect.one(
+        &["secret", "put", "secret/team-a/db", "v1"],
+        "put_secret",
+        "operator",
+    );
+    let (_, record) = expect.one(
+        &[
+            "secret",
+            "put",
+            "secret/team-a/db",
+            "v2",
+            "--user-token",
+            alice,
+        ],
+        "put_secret",
+        "user",
+    );
+    assert_eq!(record["actor"], "alice");
+
+    let (delegation, record) = expect.one(
+        &[
+            "delegate",
+            "create",
+            "--user-token",
+            alice,
+            "--agent",
+            agent,
+            "--action",
+            "read",
+            "--action",
+            "delete",
+            "--resource",
+            "secret/team-a/*",
+            "--approval-for",
+            "delete",
+        ],
+        "create_delegation",
+        "user",
+    );
+    assert_eq!(
+        (&record["user"], &record["agent"]),
+        (&Value::from("alice"), &Value::from(agent))
+    );
+    let delegation = delegation["id"].as_str().expect("delegation id").to_owned();
+    let authorize = |action: &str| -> Vec<String> {
+        [
+            "authorize",
+            "--agent",
+            agent,
+            "--agent-key",
+            key,
+            "--delegation",
+            &delegation,
+            "--action",
+            action,
+            "--resource",
+            "secret/team-a/db",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+
+    // Each ending of a grant: completed by the agent, revoked by an operator, consumed by a read.
+    for (how, kind, actor_kind) in [
+        ("complete", "end_grant", "agent"),
+        ("revoke", "end_grant", "operator"),
+        ("read", "consume_grant", "anonymous"),
+    ] {
+        let (granted, record) = expect.one(&as_refs(&authorize("read")), "authorize", "agent");
+        assert_eq!(record["decision"], "allow", "{how}");
+        assert_eq!(record["user"], "alice");
+        let grant = granted["grant_id"].as_str().expect("grant").to_owned();
+        let token = granted["token"].as_str().expect("token").to_owned();
+        let args: Vec<&str> = match how {
+            "complete" => vec![
+                "grant",
+                "complete",
+                &grant,
+                "--agent",
+                agent,
+                "--agent-key",
+                key,
+            ],
+            "revoke" => vec!["grant", "revoke", &grant],
+            _ => vec!["secret", "read", "secret/team-a/db", "--token", &token],
+        };
+        let (_, record) = expect.one(&args, kind, actor_kind);
+        assert_eq!(record["grant_id"], grant.as_str(), "{how}");
+        assert_eq!(record["user"], "alice", "{how}");
+        assert_eq!(record["agent"], agent, "{how}");
+    }
+
+    for (verb, decision) in [("approve", "allow"), ("deny", "deny")] {
+        let (pending, record) = expect.one(&as_refs(&authorize("delete")), "authorize", "agent");
+        assert_eq!(record["decision"], "pending");
+        let approval = pending["approval_id"]
+            .as_str()
+            .expect("approval id")
+            .to_owned();
+        let (_, record) = expect.one(
+            &["approval", verb, &approval, "--user-token", alice],
+            "decide_approval",
+            "user",
+        );
+        assert_eq!(record["decision"], decision);
+        assert_eq!(record["target"], approval.as_str());
+    }
+
+    let (_, record) = expect.one(
+        &["delegate", "revoke", &delegation, "--user-token", alice],
+        "revoke_delegation",
+        "user",
+    );
+    assert_eq!(record["delegation_id"], delegation.as_str());
+    let (_, record) = expect.one(&as_refs(&authorize("read")), "authorize", "agent");
+    assert_eq!(record["decision"], "deny");
+    let (_, record) = expect.one(&["agent", "retire", agent], "set_agent_status", "operator");
+    assert_eq!(record["target"], agent);
+}
