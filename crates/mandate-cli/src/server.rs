@@ -51,6 +51,9 @@ pub struct ServerArgs {
     /// Seconds between signed checkpoints of the audit trail (the leader's setting decides).
     #[arg(long, env = "MANDATE_AUDIT_CHECKPOINT_INTERVAL_S")]
     audit_checkpoint_interval_s: Option<u64>,
+    /// Name secret paths in audit records by their HMAC only.
+    #[arg(long, env = "MANDATE_AUDIT_HASH_SECRET_PATHS")]
+    audit_hash_secret_paths: Option<bool>,
     /// Also copy the audit trail to this file as JSON lines (a sink named "file").
     #[arg(long, env = "MANDATE_AUDIT_FILE")]
     audit_file: Option<PathBuf>,
@@ -124,6 +127,9 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
         }
         config.audit.sinks.retain(|s| s.name != "file");
         config.audit.sinks.push(sink);
+    }
+    if let Some(v) = args.audit_hash_secret_paths {
+        config.audit.hash_secret_paths = v;
     }
     if let Some(v) = args.audit_checkpoint_interval_s {
         config.audit.checkpoint_interval_s = v;

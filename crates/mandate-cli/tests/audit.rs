@@ -894,3 +894,61 @@ fn every_call_that_changes_state_or_decides_leaves_exactly_one_attributed_record
     let (_, record) = expect.one(&["agent", "retire", agent], "set_agent_status", "operator");
     assert_eq!(record["target"], agent);
 }
+
+#[test]
+fn with_secret_paths_hashed_no_secret_path_enters_the_trail() {
+    let c = DevCluster::start_with_env(1, 27000, &[("MANDATE_AUDIT_HASH_SECRET_PATHS", "true")]);
+    let world = World::create(&c, "discreet");
+    let key = c.dir.path().join("discreet.pem");
+    c.json(&c.addrs[0], &["secret", "put", "secret/team-a/db", "v1"]);
+    let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
+    let granted = c.json(
+        &c.addrs[0],
+        &[
+            "authorize",
+            "--agent",
+            &world.agent_id,
+            "--agent-key",
+            key.to_str().expect("utf-8"),
+            "--delegation",
+            &delegation,
+            "--action",
+            "read",
+            "--resource",
+            "secret/team-a/db",
+        ],
+    );
+    c.json(
+        &c.addrs[0],
+        &[
+            "grant",
+            "consume",
+            granted["token"].as_str().expect("token"),
+        ],
+    );
+
+    let lines = trail(&c, &c.addrs[0]);
+    assert!(
+        !lines.iter().any(|l| l.contains("secret/team-a")),
+        "a secret path entered the trail"
+    );
+    let records = parsed(&lines);
+    let hashed = c.json(&c.addrs[0], &["audit", "hash", "secret/team-a/db"]);
+    let named = format!("hmac:{}", hashed["hmac"].as_str().expect("hmac"));
+    for kind in ["put_secret", "authorize"] {
+        assert_eq!(
+            of_type(&records, kind)[0]["resource"],
+            named.as_str(),
+            "{kind}"
+        );
+    }
+    let pattern = c.json(&c.addrs[0], &["audit", "hash", "secret/team-a/*"]);
+    assert_eq!(
+        of_type(&records, "create_delegation")[0]["resource"],
+        format!("hmac:{}", pattern["hmac"].as_str().expect("hmac")).as_str()
+    );
+    assert_eq!(
+        of_type(&records, "consume_grant")[0]["resource"],
+        "[secret path]"
+    );
+}

@@ -292,8 +292,66 @@ pub fn record(
         }
     }
     attribute(&mut record, state)?;
+    if command.audit_hash_secret_paths {
+        hide_secret_paths(&mut record, command);
+    }
     Ok(record)
 }
+
+/// The resources a command names, in the order the serving node hashed them.
+fn command_resources(command: &pb::Command) -> Vec<&str> {
+    match &command.kind {
+        Some(CommandKind::PutSecret(c)) => vec![c.path.as_str()],
+        Some(CommandKind::Authorize(c)) => vec![c.resource.as_str()],
+        Some(CommandKind::ConsumeGrant(c)) => vec![c.resource.as_str()],
+        Some(CommandKind::CreateDelegation(c)) => c.resources.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Replaces every secret path in `text`: one the command named by its stamped HMAC name,
+/// any other by `[secret path]`.
+fn scrub(text: &str, known: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(SECRET_PREFIX) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || "\"',;)".contains(c))
+            .unwrap_or(tail.len());
+        let path = &tail[..end];
+        match known.iter().find(|(plain, _)| *plain == path) {
+            Some((_, hashed)) if !hashed.is_empty() => out.push_str(hashed),
+            _ => out.push_str("[secret path]"),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// With `audit_hash_secret_paths`, no secret path stays in the record: the resource becomes
+/// the serving node's HMAC names, and reasons and errors are scrubbed.
+fn hide_secret_paths(record: &mut pb::AuditRecord, command: &pb::Command) {
+    let hashed: Vec<&str> = command.audit_resource.split(' ').collect();
+    let known: Vec<(&str, &str)> = command_resources(command)
+        .into_iter()
+        .zip(hashed.iter().copied().chain(std::iter::repeat("")))
+        .collect();
+    if !command.audit_resource.is_empty() {
+        record.resource = command.audit_resource.clone();
+    } else {
+        record.resource = scrub(&record.resource, &known);
+    }
+    for reason in &mut record.reasons {
+        *reason = scrub(reason, &known);
+    }
+    record.error = scrub(&record.error, &known);
+}
+
+/// Resources under this prefix are secret paths (hashed when the serving node is told to).
+pub const SECRET_PREFIX: &str = "secret/";
 
 /// The records of a batch of refused authentications: one per refusal, and one counting the
 /// refusals that were dropped before they could be recorded.
@@ -604,6 +662,19 @@ mod tests {
         // The newest record is never dropped, whatever the bound.
         assert_eq!(compact(&mut state, (99, 0)).expect("compact"), 2);
         assert_eq!(retained(&state).expect("retained"), 1);
+    }
+
+    #[test]
+    fn scrubbing_replaces_every_secret_path_and_nothing_else() {
+        let known = [("secret/a/db", "hmac:00ff")];
+        assert_eq!(
+            scrub(
+                "delegation d covers read on secret/a/db; not \"secret/b/*\", see public/x",
+                &known
+            ),
+            "delegation d covers read on hmac:00ff; not \"[secret path]\", see public/x"
+        );
+        assert_eq!(scrub("no paths here", &known), "no paths here");
     }
 
     #[test]

@@ -50,11 +50,12 @@ impl AuthzService {
         node: Arc<Node>,
         signer: Arc<Signer>,
         grants: GrantConfig,
+        hasher: AuditHasher,
         refusals: Arc<Refusals>,
     ) -> Self {
         AuthzService {
             node,
-            hasher: AuditHasher::new(signer.kek()),
+            hasher,
             signer,
             grants,
             refusals,

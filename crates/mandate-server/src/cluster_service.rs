@@ -51,12 +51,13 @@ impl ClusterService {
         node: Arc<Node>,
         config: NodeConfig,
         signer: Arc<Signer>,
+        hasher: AuditHasher,
         refusals: Arc<Refusals>,
     ) -> Self {
         ClusterService {
             node,
             config,
-            hasher: AuditHasher::new(signer.kek()),
+            hasher,
             signer,
             refusals,
         }

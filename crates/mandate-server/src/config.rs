@@ -86,6 +86,8 @@ pub struct AuditConfig {
     pub retain_age_s: u64,
     /// How often the leader signs a checkpoint of the trail (when it has grown).
     pub checkpoint_interval_s: u64,
+    /// Name secret paths in records by their audit HMAC only (set it on every node).
+    pub hash_secret_paths: bool,
     /// Where this node copies the trail (`[[audit.sinks]]`); only the config file declares them.
     pub sinks: Vec<SinkConfig>,
 }
@@ -101,6 +103,7 @@ impl Default for AuditConfig {
             retain_records: AUDIT_RETAIN_RECORDS_DEFAULT,
             retain_age_s: AUDIT_RETAIN_AGE_S_DEFAULT,
             checkpoint_interval_s: 60,
+            hash_secret_paths: false,
             sinks: Vec::new(),
         }
     }

@@ -40,13 +40,44 @@ fn hmac(key: &[u8], message: &[u8]) -> [u8; 32] {
 #[derive(Clone, Default)]
 pub struct AuditHasher {
     key: Option<[u8; 32]>,
+    secret_paths: bool,
 }
 
 impl AuditHasher {
     pub fn new(kek: Option<&Kek>) -> Self {
         AuditHasher {
             key: kek.map(|k| k.audit_key),
+            secret_paths: false,
         }
+    }
+
+    /// Also hash secret paths (`[audit] hash_secret_paths`).
+    pub fn hashing_secret_paths(mut self, on: bool) -> Self {
+        self.secret_paths = on;
+        self
+    }
+
+    /// Whether secret paths are hashed.
+    pub fn hashes_secret_paths(&self) -> bool {
+        self.secret_paths
+    }
+
+    /// Resources as the trail names them when secret paths are hashed: each path under
+    /// `secret/` as `hmac:<hex>` (empty without a key), others as they are.
+    pub fn resources<'a>(&self, resources: impl IntoIterator<Item = &'a str>) -> String {
+        resources
+            .into_iter()
+            .map(|r| {
+                if r.starts_with(mandate_core::audit::SECRET_PREFIX) {
+                    self.hmac(r.as_bytes())
+                        .map(|h| format!("hmac:{}", hex::encode(h)))
+                        .unwrap_or_default()
+                } else {
+                    r.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The HMAC of `value`, or `None` without a key.

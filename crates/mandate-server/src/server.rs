@@ -116,6 +116,18 @@ pub(crate) async fn submit_as(
         serving_node: node.id,
         ..Default::default()
     };
+    if hasher.hashes_secret_paths() {
+        command.audit_hash_secret_paths = true;
+        command.audit_resource = match &kind {
+            pb::command::Kind::PutSecret(c) => hasher.resources([c.path.as_str()]),
+            pb::command::Kind::Authorize(c) => hasher.resources([c.resource.as_str()]),
+            pb::command::Kind::ConsumeGrant(c) => hasher.resources([c.resource.as_str()]),
+            pb::command::Kind::CreateDelegation(c) => {
+                hasher.resources(c.resources.iter().map(String::as_str))
+            }
+            _ => String::new(),
+        };
+    }
     match &kind {
         pb::command::Kind::CreateOperatorToken(c) => {
             command.audit_target = hasher.token_id(&c.token_id)
@@ -204,12 +216,14 @@ pub async fn run(
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
-    let refusals = Refusals::new(AuditHasher::new(signer.kek()));
+    let hasher =
+        AuditHasher::new(signer.kek()).hashing_secret_paths(config.audit.hash_secret_paths);
+    let refusals = Refusals::new(hasher.clone());
     let refusal_task = tokio::spawn(refusals::flush(node.clone(), refusals.clone()));
     let grpc = Routes::new(
         AgentRegistryServer::new(RegistryService::new(
             node.clone(),
-            AuditHasher::new(signer.kek()),
+            hasher.clone(),
             refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
@@ -219,6 +233,7 @@ pub async fn run(
             node.clone(),
             config.clone(),
             signer.clone(),
+            hasher.clone(),
             refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
@@ -228,6 +243,7 @@ pub async fn run(
             node.clone(),
             signer.clone(),
             config.grants.clone(),
+            hasher.clone(),
             refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
@@ -262,7 +278,7 @@ pub async fn run(
         AuditServer::new(AuditService::new(
             node.clone(),
             sinks.clone(),
-            AuditHasher::new(signer.kek()),
+            hasher.clone(),
             refusals.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
