@@ -589,6 +589,15 @@ fn refused_authentications_are_recorded_and_a_flood_is_counted_not_lost() {
     });
     let info = c.json(&c.addrs[0], &["audit", "info"]);
     assert!(info["refusals_dropped"].as_u64() > Some(0), "{info}");
+    let (status, _, metrics) = common::http_get(&c.addrs[0], "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(&format!(
+            "mandate_audit_refusals_dropped_total {}",
+            info["refusals_dropped"]
+        )),
+        "{metrics}"
+    );
     common::wait_for(
         "the dropped count to be recorded",
         std::time::Duration::from_secs(10),

@@ -164,6 +164,23 @@ fn a_learner_added_after_a_snapshot_receives_it_and_converges() {
     );
     assert_eq!(listed["agents"].as_array().expect("agents").len(), 60);
 
+    // The snapshot carried the audit trail: the learner holds the same records and they verify.
+    let trail = |addr: &str, to: &str| {
+        let out = c.mandate_at(addr, &["audit", "tail", "--json", "--to", to]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = c.json(&c.addr(leader), &["audit", "info"]);
+    let head = info["head"].as_str().expect("head").to_owned();
+    let leaders = trail(&c.addr(leader), &head);
+    assert!(leaders.lines().count() > 60, "{leaders}");
+    assert_eq!(trail(&client, &head), leaders);
+    let verified = c.json(&client, &["audit", "verify", "--to", &head]);
+    assert_eq!(
+        verified["verified"].as_u64(),
+        Some(leaders.lines().count() as u64)
+    );
+
     let membership = c.json(&all, &["cluster", "promote", "4"]);
     assert!(membership["voters"]
         .as_array()

@@ -29,34 +29,6 @@ struct GrantClaims {
     authorization_details: Vec<Detail>,
 }
 
-/// One HTTP/1.1 GET: (status, content type, body).
-fn http_get(addr: &str, path: &str) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_owned())
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -106,13 +78,13 @@ fn grant_tokens_verify_with_an_independent_library_and_tampering_is_refused() {
     let keys = c.json(&all, &["keys", "jwks"]);
     // Every node publishes the same keys over plain HTTP, as over gRPC, and answers its probes.
     for addr in &c.addrs {
-        let (status, content_type, body) = http_get(addr, "/.well-known/jwks.json");
+        let (status, content_type, body) = common::http_get(addr, "/.well-known/jwks.json");
         assert_eq!(status, 200, "{addr}: {body}");
         assert_eq!(content_type, "application/jwk-set+json");
         let published: serde_json::Value = serde_json::from_str(&body).expect("jwks json");
         assert_eq!(published, keys["jwks"], "{addr}");
-        assert_eq!(http_get(addr, "/healthz").0, 200, "{addr}");
-        let (status, _, body) = http_get(addr, "/readyz");
+        assert_eq!(common::http_get(addr, "/healthz").0, 200, "{addr}");
+        let (status, _, body) = common::http_get(addr, "/readyz");
         assert!(status == 200 && body.starts_with("ready"), "{addr}: {body}");
     }
     let jwk = &keys["jwks"]["keys"][0];

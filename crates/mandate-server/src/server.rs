@@ -283,7 +283,11 @@ pub async fn run(
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     );
-    let routes = Routes::from(grpc.into_axum_router().merge(http::routes(node.clone())));
+    let routes = Routes::from(grpc.into_axum_router().merge(http::routes(
+        node.clone(),
+        refusals.clone(),
+        sinks.clone(),
+    )));
     // HTTP/1.1 beside gRPC on the same port, for the JWKS document and the probes.
     let client = Server::builder().accept_http1(true).add_routes(routes);
     // TCP_NODELAY: a response written in several frames must not wait for the peer's delayed
