@@ -174,6 +174,10 @@ fn a_learner_added_after_a_snapshot_receives_it_and_converges() {
     let head = info["head"].as_str().expect("head").to_owned();
     let leaders = trail(&c.addr(leader), &head);
     assert!(leaders.lines().count() > 60, "{leaders}");
+    assert!(
+        leaders.contains(r#""target":"voters=1,2,3 learners=4""#),
+        "the learner's arrival is in the trail"
+    );
     assert_eq!(trail(&client, &head), leaders);
     let verified = c.json(&client, &["audit", "verify", "--to", &head]);
     assert_eq!(

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{DomainError, StorageFault};
 use crate::pb::command::Kind as CommandKind;
 use crate::pb::command_result::Outcome;
-use crate::state::{decode, Overlay, StateRead};
+use crate::state::{decode, Overlay, StateExt, StateRead};
 use crate::{authz, keys, pb};
 
 /// The command's name, as the record's `type`.
@@ -393,6 +393,29 @@ pub fn refusal_records(
         });
     }
     records
+}
+
+/// Records a raft membership change (its own log entry, with no command): which members vote
+/// and which learn from then on. Operators change membership through the cluster service;
+/// raft's entry does not carry who asked, so the record names no actor.
+pub fn membership<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    log_index: u64,
+    voters: &[u64],
+    learners: &[u64],
+) -> Result<(), StorageFault> {
+    let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let record = pb::AuditRecord {
+        log_index,
+        sequence: 0,
+        time_ms: state.clock_ms()?,
+        r#type: "change_membership".into(),
+        actor_kind: "system".into(),
+        target: format!("voters={} learners={}", list(voters), list(learners)),
+        result: "ok".into(),
+        ..Default::default()
+    };
+    append(state, record)
 }
 
 /// The newest record's position and hash, if any record was written.

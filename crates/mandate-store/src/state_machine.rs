@@ -201,6 +201,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => BatchOutcome::default(),
                 EntryPayload::Membership(m) => {
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    let voters: Vec<NodeId> = m.voter_ids().collect();
+                    let learners: Vec<NodeId> = m.learner_ids().collect();
+                    mandate_core::audit::membership(
+                        &mut overlay,
+                        entry.log_id.index,
+                        &voters,
+                        &learners,
+                    )
+                    .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
                     BatchOutcome::default()
                 }
                 EntryPayload::Normal(batch) => {
