@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{refused, DevCluster, World};
+use common::{as_refs, refused, DevCluster, World};
 use mandate_client::pb;
 use prost::Message;
 use serde_json::Value;
@@ -35,27 +35,14 @@ fn every_command_leaves_one_attributed_record_and_every_node_holds_the_same_veri
     let c = DevCluster::start(3, 25200);
     let world = World::create(&c, "audited");
     let all = c.addrs.join(",");
-    let key = c.dir.path().join("audited.pem");
-    let key = key.to_str().expect("utf-8");
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
     let authorize = |resource: &str| {
-        c.json(
-            &all,
-            &[
-                "authorize",
-                "--agent",
-                &world.agent_id,
-                "--agent-key",
-                key,
-                "--delegation",
-                &delegation,
-                "--action",
-                "read",
-                "--resource",
-                resource,
-                "--context",
-                "ticket=INC-4242",
-            ],
+        world.authorize(
+            &c,
+            &delegation,
+            "read",
+            resource,
+            &["--context", "ticket=INC-4242"],
         )
     };
     let allowed = authorize("secret/team-a/db");
@@ -465,11 +452,10 @@ fn a_file_sink_holds_the_trail_once_across_rotation_and_restart() {
         register(&c, &c.addrs[0], &format!("sunk-{i}"));
     }
     let copied = |c: &DevCluster| {
-        let committed = trail(c, &c.addrs[0]);
         common::wait_for(
             "the sink to hold the trail",
             std::time::Duration::from_secs(20),
-            || (sink_lines(&path) == committed).then_some(()),
+            || (sink_lines(&path) == trail(c, &c.addrs[0])).then_some(()),
         );
     };
     copied(&c);
@@ -662,10 +648,6 @@ fn the_leader_signs_checkpoints_that_verify_against_the_published_keys() {
     assert!(verified["checkpoints"].as_u64() >= Some(1), "{verified}");
 }
 
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// Records written by housekeeping rather than by a caller's request.
 const HOUSEKEEPING: [&str; 5] = [
     "audit_checkpoint",
@@ -827,24 +809,8 @@ fn every_call_that_changes_state_or_decides_leaves_exactly_one_attributed_record
         (&Value::from("alice"), &Value::from(agent))
     );
     let delegation = delegation["id"].as_str().expect("delegation id").to_owned();
-    let authorize = |action: &str| -> Vec<String> {
-        [
-            "authorize",
-            "--agent",
-            agent,
-            "--agent-key",
-            key,
-            "--delegation",
-            &delegation,
-            "--action",
-            action,
-            "--resource",
-            "secret/team-a/db",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
-    };
+    let authorize =
+        |action: &str| world.authorize_args(&delegation, action, "secret/team-a/db", &[]);
 
     // Each ending of a grant: completed by the agent, revoked by an operator, consumed by a read.
     for (how, kind, actor_kind) in [
@@ -908,25 +874,9 @@ fn every_call_that_changes_state_or_decides_leaves_exactly_one_attributed_record
 fn with_secret_paths_hashed_no_secret_path_enters_the_trail() {
     let c = DevCluster::start_with_env(1, 27000, &[("MANDATE_AUDIT_HASH_SECRET_PATHS", "true")]);
     let world = World::create(&c, "discreet");
-    let key = c.dir.path().join("discreet.pem");
     c.json(&c.addrs[0], &["secret", "put", "secret/team-a/db", "v1"]);
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
-    let granted = c.json(
-        &c.addrs[0],
-        &[
-            "authorize",
-            "--agent",
-            &world.agent_id,
-            "--agent-key",
-            key.to_str().expect("utf-8"),
-            "--delegation",
-            &delegation,
-            "--action",
-            "read",
-            "--resource",
-            "secret/team-a/db",
-        ],
-    );
+    let granted = world.authorize(&c, &delegation, "read", "secret/team-a/db", &[]);
     c.json(
         &c.addrs[0],
         &[

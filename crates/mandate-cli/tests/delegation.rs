@@ -2,11 +2,7 @@
 
 mod common;
 
-use common::{refused, DevCluster, World};
-
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
+use common::{as_refs, refused, DevCluster, World};
 
 fn register_sub_agent(c: &DevCluster, name: &str) -> (String, String) {
     let key = c.dir.path().join(format!("{name}.pem"));
@@ -209,24 +205,7 @@ fn an_action_that_needs_approval_waits_for_the_user() {
         &["secret/team-a/*"],
         &["--approval-for", "delete"],
     );
-    let key = c.dir.path().join("asker.pem");
-    let key = key.to_str().expect("utf-8");
-    let pending = c.json(
-        &c.addrs[0],
-        &[
-            "authorize",
-            "--agent",
-            &world.agent_id,
-            "--agent-key",
-            key,
-            "--delegation",
-            &delegation,
-            "--action",
-            "delete",
-            "--resource",
-            "secret/team-a/db",
-        ],
-    );
+    let pending = world.authorize(&c, &delegation, "delete", "secret/team-a/db", &[]);
     assert_eq!(pending["decision"], "pending");
     let approval = pending["approval_id"].as_str().expect("approval id");
     let listed = c.json(

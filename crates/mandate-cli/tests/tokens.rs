@@ -55,23 +55,12 @@ fn grant_tokens_verify_with_an_independent_library_and_tampering_is_refused() {
     let world = World::create(&c, "verified");
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
     let all = c.addrs.join(",");
-    let granted = c.json(
-        &all,
-        &[
-            "authorize",
-            "--agent",
-            &world.agent_id,
-            "--agent-key",
-            c.dir.path().join("verified.pem").to_str().expect("utf-8"),
-            "--delegation",
-            &delegation,
-            "--action",
-            "read",
-            "--resource",
-            "secret/team-a/db",
-            "--audience",
-            "payments-api",
-        ],
+    let granted = world.authorize(
+        &c,
+        &delegation,
+        "read",
+        "secret/team-a/db",
+        &["--audience", "payments-api"],
     );
     assert_eq!(granted["decision"], "allow", "{granted}");
     let token = granted["token"].as_str().expect("token").to_owned();
@@ -174,23 +163,12 @@ fn an_expired_grant_is_refused_by_mandate_and_by_an_independent_library() {
     let world = World::create(&c, "expiring");
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
     let all = c.addrs.join(",");
-    let granted = c.json(
-        &all,
-        &[
-            "authorize",
-            "--agent",
-            &world.agent_id,
-            "--agent-key",
-            c.dir.path().join("expiring.pem").to_str().expect("utf-8"),
-            "--delegation",
-            &delegation,
-            "--action",
-            "read",
-            "--resource",
-            "secret/team-a/db",
-            "--ttl",
-            "1s",
-        ],
+    let granted = world.authorize(
+        &c,
+        &delegation,
+        "read",
+        "secret/team-a/db",
+        &["--ttl", "1s"],
     );
     let token = granted["token"].as_str().expect("token").to_owned();
     let expires_ms = granted["expires_at_ms"].as_u64().expect("expiry");

@@ -77,14 +77,23 @@ fn compaction_due(
     }
     if retention.retain_age_s > 0 {
         let cutoff = now_ms.saturating_sub(retention.retain_age_s.saturating_mul(1000));
-        // Records are in command-time order, so the first young one bounds the old ones.
+        // Records are in command-time order, so the first young one bounds the old ones. A
+        // record with no time of its own (a membership change before any command) is as old
+        // as the next record that has one.
         let mut age_below = (u64::MAX, u32::MAX);
+        let mut untimed_run: Option<(u64, u32)> = None;
         for (seen, item) in records().take(audit::COMPACT_RECORDS_MAX + 1).enumerate() {
             let (k, v) = item?;
             let record: pb::AuditRecord = decode(&k, &v)?;
+            let at = (record.log_index, record.sequence);
             if record.time_ms >= cutoff || seen == audit::COMPACT_RECORDS_MAX {
-                age_below = (record.log_index, record.sequence);
+                age_below = untimed_run.unwrap_or(at);
                 break;
+            }
+            if record.time_ms == 0 {
+                untimed_run.get_or_insert(at);
+            } else {
+                untimed_run = None;
             }
         }
         below = below.max(age_below);

@@ -224,6 +224,52 @@ impl Output {
     }
 }
 
+/// The position of the last whole record in a sink file, after cutting off a torn last line.
+fn last_in_file(path: &Path) -> std::io::Result<Option<(u64, u32)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let window = len.min(1024 * 1024);
+    file.seek(SeekFrom::Start(len - window))?;
+    let mut tail = Vec::with_capacity(usize::try_from(window).unwrap_or(0));
+    file.read_to_end(&mut tail)?;
+    let whole = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if whole < tail.len() {
+        // A line cut short by a crash: drop it; its record is written again.
+        file.set_len(len - window + whole as u64)?;
+        file.sync_all()?;
+    }
+    let last = tail[..whole]
+        .split(|b| *b == b'\n')
+        .rev()
+        .find(|l| !l.is_empty())
+        .and_then(|l| serde_json::from_slice::<serde_json::Value>(l).ok());
+    Ok(last.and_then(|v| {
+        let index = v["log_index"].as_u64()?;
+        let sequence = u32::try_from(v["sequence"].as_u64()?).ok()?;
+        Some((index, sequence))
+    }))
+}
+
+/// Where a file sink really stands after a restart: records written after the cursor last
+/// moved (the node stopped between the two) are not written twice.
+fn resume_file(path: &Path, keep: u32, cursor: Option<(u64, u32)>) -> Option<(u64, u32)> {
+    let rotated = PathBuf::from(format!("{}.1", path.display()));
+    let candidates = [path.to_path_buf(), rotated];
+    let written = candidates
+        .iter()
+        .take(if keep > 0 { 2 } else { 1 })
+        .find_map(|p| last_in_file(p).ok().flatten());
+    match (cursor, written) {
+        (Some(c), Some(w)) => Some(c.max(w)),
+        (c, w) => c.or(w),
+    }
+}
+
 fn cursor_path(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("audit-sinks").join(format!("{name}.cursor"))
 }
@@ -283,6 +329,9 @@ pub async fn run(
 ) {
     let cursor_file = cursor_path(&data_dir, &config.name);
     let mut cursor = read_cursor(&cursor_file);
+    if let (SinkKind::File, Some(path)) = (&config.kind, &config.path) {
+        cursor = resume_file(path, config.keep, cursor);
+    }
     update(&states, index, |s| s.position = cursor);
     let mut output = Output::new(&config);
     let mut applied = node.view.applied_watch();
@@ -331,5 +380,27 @@ pub async fn run(
                 backoff_ms = (backoff_ms * 2).min(SINK_BACKOFF_MAX_MS);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_last_whole_record_found() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("trail.jsonl");
+        std::fs::write(
+            &path,
+            "{\"log_index\":3,\"sequence\":0}\n{\"log_index\":4,\"sequence\":1}\n{\"log_ind",
+        )
+        .expect("write");
+        assert_eq!(last_in_file(&path).expect("read"), Some((4, 1)));
+        let kept = std::fs::read_to_string(&path).expect("read back");
+        assert!(kept.ends_with("\"sequence\":1}\n"), "{kept}");
+        assert_eq!(resume_file(&path, 10, Some((3, 0))), Some((4, 1)));
+        assert_eq!(resume_file(&path, 10, Some((9, 0))), Some((9, 0)));
+        assert_eq!(last_in_file(&dir.path().join("none")).expect("read"), None);
     }
 }

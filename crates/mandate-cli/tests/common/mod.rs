@@ -251,6 +251,8 @@ pub fn stderr(out: &Output) -> String {
 pub struct World {
     pub agent_id: String,
     pub agent_key: ed25519_dalek::SigningKey,
+    /// The agent's private key file (`<cluster dir>/<name>.pem`).
+    pub key_file: String,
     pub alice: String,
     pub cluster_id: String,
 }
@@ -318,6 +320,7 @@ impl World {
         World {
             agent_id: agent["id"].as_str().expect("id").to_owned(),
             agent_key,
+            key_file: key_file.to_str().expect("utf-8").to_owned(),
             alice,
             cluster_id,
         }
@@ -341,6 +344,47 @@ impl World {
             &jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()),
         )
         .expect("sign assertion")
+    }
+
+    /// The `mandate authorize` arguments for the agent: `action` on `resource` under
+    /// `delegation`, then `extra` flags.
+    pub fn authorize_args(
+        &self,
+        delegation: &str,
+        action: &str,
+        resource: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
+        [
+            "authorize",
+            "--agent",
+            &self.agent_id,
+            "--agent-key",
+            &self.key_file,
+            "--delegation",
+            delegation,
+            "--action",
+            action,
+            "--resource",
+            resource,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    /// Runs `mandate authorize` for the agent (which must succeed) and returns its JSON.
+    pub fn authorize(
+        &self,
+        c: &DevCluster,
+        delegation: &str,
+        action: &str,
+        resource: &str,
+        extra: &[&str],
+    ) -> Value {
+        let args = self.authorize_args(delegation, action, resource, extra);
+        c.json(&c.addrs.join(","), &as_refs(&args))
     }
 
     /// Alice delegates `actions` on `resources` to the agent; returns the delegation id.
@@ -425,4 +469,9 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
         })
         .unwrap_or_default();
     (status, content_type, body.to_owned())
+}
+
+/// Borrows owned arguments for a command line.
+pub fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
