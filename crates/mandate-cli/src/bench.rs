@@ -1,7 +1,8 @@
 //! `mandate bench register|authorize|evaluate|audit`: registrations or authorizations per
 //! second against a running cluster with a given number of concurrent clients, in-process
-//! decision evaluations per second, and the audit trail's lag, replay and stall cost. Each client has its own connections and starts at a
-//! different node, so followers forward to the leader as they would in production.
+//! decision evaluations per second, and the audit trail's lag, replay and stall cost. Each
+//! client has its own connections and starts at a different node, so followers forward to the
+//! leader as they would in production.
 
 mod audit;
 mod evaluate;

@@ -160,9 +160,7 @@ pub async fn housekeeping(
         if node.metrics().current_leader != Some(node.id) {
             continue;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let now = mandate_raft::stamp::now_ms();
         if last_checkpoint.elapsed() >= checkpoint_every {
             last_checkpoint = tokio::time::Instant::now();
             match checkpoint_due(&node, &signer, now) {
@@ -237,10 +235,26 @@ fn check_filter(r: &pb::SubscribeRequest) -> Result<(), DomainError> {
 }
 
 /// The key just after `key`, to resume a scan past it.
-fn after(key: &[u8]) -> Vec<u8> {
-    let mut next = key.to_vec();
-    next.push(0);
-    next
+/// Up to `limit` records, in order, from just after `cursor` (from the oldest retained when
+/// there is none). Subscriptions and sinks both read the trail this way.
+pub(crate) fn records_after(
+    node: &Node,
+    cursor: Option<(u64, u32)>,
+    limit: usize,
+) -> Result<Vec<pb::AuditRecord>, StorageFault> {
+    let start = match cursor {
+        Some((index, sequence)) => {
+            let mut key = keys::audit(index, sequence);
+            key.push(0);
+            key
+        }
+        None => keys::AUDIT_PREFIX.to_vec(),
+    };
+    node.view
+        .scan(keys::AUDIT_PREFIX, &start)
+        .take(limit)
+        .map(|item| item.and_then(|(k, v)| decode(&k, &v)))
+        .collect()
 }
 
 type Sender = mpsc::Sender<Result<pb::AuditRecord, Status>>;
@@ -248,18 +262,19 @@ type Sender = mpsc::Sender<Result<pb::AuditRecord, Status>>;
 /// Sends matching records from storage until the end (or, following, forever); returns when
 /// the subscriber is gone, the end is passed, or storage fails (reported to the subscriber).
 async fn feed(node: Arc<Node>, r: pb::SubscribeRequest, tx: Sender) {
-    let from = r.from.unwrap_or_default();
-    let mut cursor = keys::audit(from.log_index, from.sequence);
-    let end = r.to.as_ref().map(|p| keys::audit(p.log_index, p.sequence));
+    // Resume just before `from`: the record at `from` itself is the first one sent.
+    let mut cursor = r
+        .from
+        .filter(|p| (p.log_index, p.sequence) != (0, 0))
+        .map(|p| match p.sequence {
+            0 => (p.log_index - 1, u32::MAX),
+            s => (p.log_index, s - 1),
+        });
+    let end = r.to.map(|p| (p.log_index, p.sequence));
     let mut applied = node.view.applied_watch();
     loop {
         applied.borrow_and_update();
-        let chunk: Result<Vec<_>, StorageFault> = node
-            .view
-            .scan(keys::AUDIT_PREFIX, &cursor)
-            .take(SUBSCRIBE_CHUNK)
-            .collect();
-        let chunk = match chunk {
+        let chunk = match records_after(&node, cursor, SUBSCRIBE_CHUNK) {
             Ok(c) => c,
             Err(e) => {
                 let _ = tx.send(Err(status::from_fault(&e))).await;
@@ -267,18 +282,12 @@ async fn feed(node: Arc<Node>, r: pb::SubscribeRequest, tx: Sender) {
             }
         };
         let full = chunk.len() == SUBSCRIBE_CHUNK;
-        for (key, value) in chunk {
-            if end.as_ref().is_some_and(|e| key > *e) {
+        for record in chunk {
+            let at = (record.log_index, record.sequence);
+            if end.is_some_and(|e| at > e) {
                 return;
             }
-            cursor = after(&key);
-            let record: pb::AuditRecord = match decode(&key, &value) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(status::from_fault(&e))).await;
-                    return;
-                }
-            };
+            cursor = Some(at);
             if audit::matches(&record, &r) && tx.send(Ok(record)).await.is_err() {
                 return;
             }

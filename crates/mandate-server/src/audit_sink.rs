@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mandate_core::state::decode;
-use mandate_core::{audit, keys, pb, StorageFault};
+use mandate_core::audit;
 use mandate_raft::Node;
 use serde::{Deserialize, Serialize};
+
+use crate::audit_service::records_after;
 
 /// Records written per step.
 pub const SINK_CHUNK: usize = 512;
@@ -291,26 +292,6 @@ fn write_cursor(path: &Path, at: (u64, u32)) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
-/// One step: the records after `cursor`, up to [`SINK_CHUNK`].
-fn next_chunk(
-    node: &Node,
-    cursor: Option<(u64, u32)>,
-) -> Result<Vec<pb::AuditRecord>, StorageFault> {
-    let start = match cursor {
-        Some((index, sequence)) => {
-            let mut k = keys::audit(index, sequence);
-            k.push(0);
-            k
-        }
-        None => keys::AUDIT_PREFIX.to_vec(),
-    };
-    node.view
-        .scan(keys::AUDIT_PREFIX, &start)
-        .take(SINK_CHUNK)
-        .map(|item| item.and_then(|(k, v)| decode(&k, &v)))
-        .collect()
-}
-
 fn update(states: &SinkStates, index: usize, change: impl FnOnce(&mut SinkState)) {
     if let Ok(mut s) = states.lock() {
         if let Some(state) = s.get_mut(index) {
@@ -338,7 +319,7 @@ pub async fn run(
     let mut backoff_ms = 250;
     loop {
         applied.borrow_and_update();
-        let step = next_chunk(&node, cursor)
+        let step = records_after(&node, cursor, SINK_CHUNK)
             .map_err(|e| e.to_string())
             .and_then(|records| {
                 if records.is_empty() {
