@@ -2,11 +2,12 @@
 //!
 //! [`apply_batch`] runs the commands of one log entry in order. For each command,
 //! [`decide`] reads the state and returns the events it causes or a [`DomainError`]; it writes
-//! nothing, so a refused command leaves no trace but its result and its audit record. [`materialize`] then folds each
-//! event into the state, and the event is stored under its position (log index, sequence).
-//! The state is a pure function of the event sequence: [`replay_event`] rebuilds it from stored
-//! event records alone. The audit trail (one record per command, applied or refused, see
-//! [`crate::audit`]) is written beside it and is the one part that events do not rebuild.
+//! nothing, so a refused command leaves no trace but its result and its audit record.
+//! [`materialize`] then folds each event into the state. The state is a pure function of the
+//! event sequence: [`replay_event`] rebuilds it from the events each result carries (the log
+//! itself is the durable history, so events are not stored a second time). The audit trail
+//! (one record per command, applied or refused, see [`crate::audit`]) is written beside it and
+//! is the one part that events do not rebuild.
 
 use crate::audit;
 use crate::authz::{self, Actor};
@@ -28,7 +29,6 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     batch: &pb::CommandBatch,
     log_index: u64,
 ) -> Result<Vec<pb::CommandResult>, StorageFault> {
-    let mut sequence: u32 = 0;
     // Audit records are numbered within the entry; most commands write exactly one.
     let mut record_sequence: u32 = 0;
     let mut results = Vec::with_capacity(batch.commands.len());
@@ -64,20 +64,12 @@ pub fn apply_batch<S: StateRead + ?Sized>(
                 Ok(kinds) => {
                     let mut events = Vec::with_capacity(kinds.len());
                     for kind in kinds {
-                        let event = pb::Event { kind: Some(kind) };
-                        let record = pb::EventRecord {
-                            log_index,
-                            sequence,
-                            request_id: command.request_id.clone(),
-                            time_ms,
-                            operator_token_id: command.operator_token_id.clone(),
-                            event: Some(event.clone()),
-                        };
-                        replay_event(state, &record)?;
-                        sequence += 1;
-                        events.push(event);
+                        replay_event(state, &kind, time_ms)?;
+                        events.push(pb::Event { kind: Some(kind) });
                     }
-                    pb::command_result::Outcome::Applied(summarize(state, command, events)?)
+                    let mut applied = summarize(state, command, events)?;
+                    applied.time_ms = time_ms;
+                    pb::command_result::Outcome::Applied(applied)
                 }
             }
         };
@@ -98,26 +90,17 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     Ok(results)
 }
 
-/// Folds one stored event record into the state: materializes the event, stores the record and
-/// advances the command clock. Rebuilding from records alone yields the state apply produced.
+/// Folds one event, caused by a command of effective time `time_ms`, into the state and
+/// advances the command clock. Replaying the events of every applied command (each result
+/// carries them and the time) yields exactly the state apply produced, audit trail aside.
 pub fn replay_event<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
-    record: &pb::EventRecord,
+    kind: &EventKind,
+    time_ms: u64,
 ) -> Result<(), StorageFault> {
-    let kind = record
-        .event
-        .as_ref()
-        .and_then(|e| e.kind.as_ref())
-        .ok_or_else(|| {
-            StorageFault(format!(
-                "event record {}/{} has no event",
-                record.log_index, record.sequence
-            ))
-        })?;
-    materialize(state, kind, record.time_ms)?;
-    state.put_message(keys::event(record.log_index, record.sequence), record);
-    if record.time_ms > state.clock_ms()? {
-        state.put(keys::CLOCK.to_vec(), record.time_ms.to_be_bytes().to_vec());
+    materialize(state, kind, time_ms)?;
+    if time_ms > state.clock_ms()? {
+        state.put(keys::CLOCK.to_vec(), time_ms.to_be_bytes().to_vec());
     }
     Ok(())
 }

@@ -348,7 +348,7 @@ pub fn create_delegation(
                     };
                     let subject = Subject::User(user);
                     let verdict = policy::evaluate(
-                        set.for_subject(&subject),
+                        set.for_subject(&subject, action),
                         &subject,
                         action,
                         pattern_resource(pattern),
@@ -664,7 +664,13 @@ pub fn evaluate(
     let chain = hops[0].chain.clone();
     let mut chain_agents = Vec::with_capacity(chain.len());
     for id in &chain {
-        match state.agent(id)? {
+        // The acting agent's record was read by the caller; the others come from state.
+        let record = if *id == agent.id {
+            Some(agent.clone())
+        } else {
+            state.agent(id)?
+        };
+        match record {
             Some(a) if is_active(a.status) => chain_agents.push(a),
             Some(a) => reasons.push(format!(
                 "agent {} in the chain is {}",
@@ -1227,8 +1233,13 @@ pub fn put_secret(
                 time_ms,
                 ..Default::default()
             };
-            let verdict =
-                policy::evaluate(set.for_subject(&subject), &subject, "write", &c.path, &ctx);
+            let verdict = policy::evaluate(
+                set.for_subject(&subject, "write"),
+                &subject,
+                "write",
+                &c.path,
+                &ctx,
+            );
             if !verdict.allowed {
                 let why = if verdict.policy_ids.is_empty() {
                     "no policy permits it".to_owned()

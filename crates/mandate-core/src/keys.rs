@@ -7,8 +7,6 @@ pub const AGENT_PREFIX: &[u8] = b"agent/";
 pub const AGENT_NAME_PREFIX: &[u8] = b"agent-name/";
 /// `token/<id>` → [`crate::pb::OperatorToken`].
 pub const TOKEN_PREFIX: &[u8] = b"token/";
-/// `event/<log index: u64 BE><sequence: u32 BE>` → [`crate::pb::EventRecord`].
-pub const EVENT_PREFIX: &[u8] = b"event/";
 /// `audit/<log index: u64 BE><sequence: u32 BE>` → [`crate::pb::AuditRecord`].
 pub const AUDIT_PREFIX: &[u8] = b"audit/";
 /// → [`crate::pb::AuditHead`]: the newest audit record's position and hash.
@@ -42,13 +40,6 @@ pub fn agent_name(name: &str) -> Vec<u8> {
 
 pub fn token(id: &str) -> Vec<u8> {
     join(TOKEN_PREFIX, id.as_bytes())
-}
-
-pub fn event(log_index: u64, sequence: u32) -> Vec<u8> {
-    let mut rest = [0u8; 12];
-    rest[..8].copy_from_slice(&log_index.to_be_bytes());
-    rest[8..].copy_from_slice(&sequence.to_be_bytes());
-    join(EVENT_PREFIX, &rest)
 }
 
 pub fn audit(log_index: u64, sequence: u32) -> Vec<u8> {

@@ -14,9 +14,9 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
-    PolicyId, PolicySet, PrincipalConstraint, Request, RestrictedExpression, Schema,
-    ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request, RestrictedExpression,
+    Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
@@ -262,32 +262,60 @@ fn uid(kind: &str, id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(type_name(kind), EntityId::new(id))
 }
 
-/// A policy set split by the principals its policies can apply to, so that an evaluation runs
-/// only the policies that could match its principal. The decision and the determining
-/// policies are the same as evaluating the whole set: the policies left out cannot apply.
+/// The principal types, in the order [`PolicyIndex`] keeps them.
+const PRINCIPAL_TYPES: [&str; 3] = ["User", "Agent", "Service"];
+
+/// The policies of one action that can apply to principals of one type.
+#[derive(Default)]
+struct ForType {
+    /// Policies whose scope admits any principal of the type.
+    generic: Arc<PolicySet>,
+    /// Policies naming one principal (`principal == T::"id"`), with the generic ones added.
+    by_id: HashMap<String, Arc<PolicySet>>,
+}
+
+/// A policy set split by action and by the principals its policies can apply to, so that an
+/// evaluation runs only the policies whose scope could match its request. The decision and the
+/// determining policies are the same as evaluating the whole set: the policies left out
+/// cannot apply. (The schema declares no action groups, so an action scope matches exactly
+/// the actions it names.)
 pub struct PolicyIndex {
-    by_type: HashMap<EntityTypeName, Arc<PolicySet>>,
-    by_principal: HashMap<EntityUid, Arc<PolicySet>>,
-    empty: Arc<PolicySet>,
+    /// Per action of [`crate::delegation::ACTIONS`], per principal type.
+    actions: Vec<[ForType; 3]>,
+    empty: PolicySet,
 }
 
 impl PolicyIndex {
     pub fn new(set: &PolicySet) -> Result<Self, String> {
-        let types = ["User", "Agent", "Service"].map(type_name);
-        let mut generic: HashMap<EntityTypeName, Vec<Policy>> = HashMap::new();
-        let mut specific: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
+        let all = crate::delegation::ACTIONS;
+        // (action, type) → generic policies; (action, type, id) → specific ones.
+        let mut generic: HashMap<(usize, usize), Vec<Policy>> = HashMap::new();
+        let mut specific: HashMap<(usize, usize, String), Vec<Policy>> = HashMap::new();
         for policy in set.policies() {
-            match policy.principal_constraint() {
-                PrincipalConstraint::Eq(principal) => {
-                    specific.entry(principal).or_default().push(policy.clone())
-                }
+            let actions: Vec<usize> = match policy.action_constraint() {
+                ActionConstraint::Any => (0..all.len()).collect(),
+                ActionConstraint::Eq(a) => action_position(&a).into_iter().collect(),
+                ActionConstraint::In(list) => list.iter().filter_map(action_position).collect(),
+            };
+            let (types, id) = match policy.principal_constraint() {
+                PrincipalConstraint::Eq(p) => (
+                    type_position(p.type_name()).into_iter().collect(),
+                    Some(AsRef::<str>::as_ref(p.id()).to_owned()),
+                ),
                 PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => {
-                    generic.entry(t).or_default().push(policy.clone())
+                    (type_position(&t).into_iter().collect(), None)
                 }
                 PrincipalConstraint::Any | PrincipalConstraint::In(_) => {
-                    for t in &types {
-                        generic.entry(t.clone()).or_default().push(policy.clone());
+                    ((0..PRINCIPAL_TYPES.len()).collect::<Vec<_>>(), None)
+                }
+            };
+            for &a in &actions {
+                for &t in &types {
+                    match &id {
+                        Some(id) => specific.entry((a, t, id.clone())).or_default(),
+                        None => generic.entry((a, t)).or_default(),
                     }
+                    .push(policy.clone());
                 }
             }
         }
@@ -296,35 +324,46 @@ impl PolicyIndex {
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
         };
-        let mut by_principal = HashMap::new();
-        for (principal, mut policies) in specific {
-            policies.extend(
-                generic
-                    .get(principal.type_name())
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-            by_principal.insert(principal, build(policies)?);
+        let mut actions: Vec<[ForType; 3]> = (0..all.len()).map(|_| Default::default()).collect();
+        for ((a, t, id), mut policies) in specific {
+            policies.extend(generic.get(&(a, t)).cloned().unwrap_or_default());
+            actions[a][t].by_id.insert(id, build(policies)?);
         }
-        let mut by_type = HashMap::new();
-        for (t, policies) in generic {
-            by_type.insert(t, build(policies)?);
+        for ((a, t), policies) in generic {
+            actions[a][t].generic = build(policies)?;
         }
         Ok(PolicyIndex {
-            by_type,
-            by_principal,
-            empty: Arc::new(PolicySet::new()),
+            actions,
+            empty: PolicySet::new(),
         })
     }
 
-    /// The policies that can apply to `subject`.
-    pub fn for_subject(&self, subject: &Subject<'_>) -> &PolicySet {
-        let principal = subject.uid();
-        self.by_principal
-            .get(&principal)
-            .or_else(|| self.by_type.get(principal.type_name()))
-            .unwrap_or(&self.empty)
+    /// The policies that can apply to `subject` doing `action`.
+    pub fn for_subject(&self, subject: &Subject<'_>, action: &str) -> &PolicySet {
+        let Some(for_action) = crate::delegation::ACTIONS
+            .iter()
+            .position(|a| *a == action)
+            .map(|a| &self.actions[a])
+        else {
+            return &self.empty;
+        };
+        let (t, id) = match subject {
+            Subject::User(id) => (0, *id),
+            Subject::Agent(agent) => (1, agent.id.as_str()),
+        };
+        let for_type = &for_action[t];
+        for_type.by_id.get(id).unwrap_or(&for_type.generic)
     }
+}
+
+fn action_position(uid: &EntityUid) -> Option<usize> {
+    let id: &str = uid.id().as_ref();
+    crate::delegation::ACTIONS.iter().position(|a| *a == id)
+}
+
+fn type_position(name: &EntityTypeName) -> Option<usize> {
+    let name = name.to_string();
+    PRINCIPAL_TYPES.iter().position(|t| *t == name)
 }
 
 fn string_set<'a>(items: impl IntoIterator<Item = &'a String>) -> RestrictedExpression {
@@ -426,6 +465,7 @@ fn agent_entity(agent: &pb::Agent) -> Result<Entity, String> {
 /// and its ancestors), the action, the resource and the context are built once.
 pub struct Prepared {
     entities: Entities,
+    action_name: String,
     action: EntityUid,
     resource: EntityUid,
     context: Context,
@@ -447,6 +487,7 @@ impl Prepared {
             entities: agents
                 .add_entities([resource_entity(resource)], None)
                 .map_err(|e| e.to_string())?,
+            action_name: action.to_owned(),
             action: uid("Action", action),
             resource: uid("Resource", resource),
             context: context(ctx)?,
@@ -455,7 +496,7 @@ impl Prepared {
 
     /// Evaluates the policies of `index` that can apply to `subject`.
     pub fn evaluate_indexed(&self, index: &PolicyIndex, subject: &Subject<'_>) -> Verdict {
-        self.evaluate(index.for_subject(subject), subject)
+        self.evaluate(index.for_subject(subject, &self.action_name), subject)
     }
 
     /// Evaluates `set` for `subject`. Evaluation problems deny (and are reported).
@@ -481,7 +522,7 @@ impl Prepared {
         let mut policy_ids: Vec<String> = response
             .diagnostics()
             .reason()
-            .map(|id| id.to_string())
+            .map(|id| AsRef::<str>::as_ref(id).to_owned())
             .collect();
         policy_ids.sort();
         let errors = response

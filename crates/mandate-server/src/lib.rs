@@ -12,6 +12,7 @@ pub mod authz_service;
 pub mod cluster_service;
 pub mod config;
 pub mod http;
+pub mod jose;
 pub mod refusals;
 pub mod registry_service;
 pub mod sealing;
