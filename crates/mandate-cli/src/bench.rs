@@ -251,7 +251,7 @@ async fn phase(
     for i in 0..clients {
         let mut rotated = addrs.clone();
         rotated.rotate_left(i % addrs.len());
-        let client = Client::new(&rotated, connection.token.as_deref())?;
+        let client = connection.client_at(&rotated)?;
         tasks.push(tokio::spawn(worker(
             client,
             run_id.clone(),

@@ -2,8 +2,9 @@
 //!
 //! Node i has id i, listens for clients on 127.0.0.1:BASE+i-1 and for peers on
 //! 127.0.0.1:BASE+100+i-1, and keeps its data in DIR/node-i. The first run initialises the
-//! cluster and writes DIR/env (MANDATE_ADDR and the root MANDATE_TOKEN); later runs on the same
-//! DIR restart the same cluster with its data and token.
+//! cluster and writes DIR/env (MANDATE_ADDR, the root MANDATE_TOKEN and MANDATE_CA_CERT); later
+//! runs on the same DIR restart the same cluster with its data and token. Both listeners speak
+//! TLS with a throw-away CA and node certificates made in DIR/tls.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,11 +13,13 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use mandate_client::{pb, Client};
 use mandate_server::config::{AuditConfig, GrantConfig, PeerConfig, RaftConfig};
+use mandate_server::tls::TlsFiles;
 use mandate_server::NodeConfig;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::tls::{self, NodeFiles};
 use crate::{authz_cli, identity, Failure};
 use mandate_server::sealing::Kek;
 
@@ -58,13 +61,15 @@ enum DevSub {
 /// File names inside DIR: the key-encryption key and the development issuer's key.
 const KEK_FILE: &str = "kek";
 const DEV_ISSUER_KEY_FILE: &str = "dev-issuer.pem";
+/// The throw-away CA and node certificates, inside DIR.
+const TLS_DIR: &str = "tls";
 
 struct DevNode {
     id: u64,
     child: Child,
 }
 
-fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
+fn node_config(dir: &Path, id: u64, base: u16, nodes: u16, tls: &NodeFiles) -> NodeConfig {
     let kek_file = Some(dir.join(KEK_FILE));
     let client = |i: u64| format!("127.0.0.1:{}", u64::from(base) + i - 1);
     let peer = |i: u64| format!("127.0.0.1:{}", u64::from(base) + 100 + i - 1);
@@ -83,6 +88,12 @@ fn node_config(dir: &Path, id: u64, base: u16, nodes: u16) -> NodeConfig {
         join: None,
         join_token: None,
         kek_file,
+        tls: Some(TlsFiles {
+            cert_file: tls.cert.clone(),
+            key_file: tls.key.clone(),
+            ca_file: tls.ca.clone(),
+        }),
+        insecure: false,
         grants: GrantConfig::default(),
         raft: RaftConfig::default(),
         audit: AuditConfig::default(),
@@ -246,8 +257,13 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&args.data_dir)?;
     let dir = std::fs::canonicalize(&args.data_dir)?;
     let issuer_key = ensure_secrets(&dir)?;
+    let node_names: Vec<(u64, Vec<String>)> = (1..=u64::from(args.nodes))
+        .map(|i| (i, vec!["127.0.0.1".to_owned(), "localhost".to_owned()]))
+        .collect();
+    let certs = tls::ensure(&dir.join(TLS_DIR), &node_names)?;
     let configs: Vec<NodeConfig> = (1..=u64::from(args.nodes))
-        .map(|i| node_config(&dir, i, args.port, args.nodes))
+        .zip(&certs)
+        .map(|(i, tls)| node_config(&dir, i, args.port, args.nodes, tls))
         .collect();
     for config in &configs {
         for addr in [&config.client_addr, &config.peer_addr] {
@@ -271,7 +287,8 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
             }
         }
     }
-    let result = bring_up(&dir, &configs, &mut nodes, &issuer_key).await;
+    let ca_file = dir.join(TLS_DIR).join("ca.pem");
+    let result = bring_up(&dir, &configs, &mut nodes, &issuer_key, &ca_file).await;
     let token = match result {
         Ok(token) => token,
         Err(e) => {
@@ -280,7 +297,11 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
         }
     };
     let addrs: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
-    let env = format!("MANDATE_ADDR={}\nMANDATE_TOKEN={token}\n", addrs.join(","));
+    let env = format!(
+        "MANDATE_ADDR={}\nMANDATE_TOKEN={token}\nMANDATE_CA_CERT={}\n",
+        addrs.join(","),
+        ca_file.display()
+    );
     let env_path = dir.join("env");
     std::fs::write(&env_path, &env)?;
     print!("{env}");
@@ -301,7 +322,9 @@ async fn bring_up(
     configs: &[NodeConfig],
     nodes: &mut [DevNode],
     issuer_key: &ed25519_dalek::SigningKey,
+    ca_file: &Path,
 ) -> Result<String, Failure> {
+    let ca = std::fs::read(ca_file)?;
     let deadline = Instant::now() + Duration::from_millis(DEV_START_TIMEOUT_MS);
     for (config, node) in configs.iter().zip(nodes.iter_mut()) {
         wait_listening(node, &config.client_addr, deadline).await?;
@@ -310,7 +333,7 @@ async fn bring_up(
     if let Some(token) = read_env_token(&dir.join("env"))? {
         return Ok(token);
     }
-    let client = Client::new(&[configs[0].client_addr.clone()], None)?;
+    let client = Client::with_ca(&[configs[0].client_addr.clone()], None, Some(&ca))?;
     let members: Vec<pb::Member> = configs
         .iter()
         .map(|c| pb::Member {
@@ -325,9 +348,10 @@ async fn bring_up(
             async move { c.init(pb::InitRequest { members }).await }
         })
         .await?;
-    let operator = Client::new(
+    let operator = Client::with_ca(
         &[configs[0].client_addr.clone()],
         Some(&response.root_token),
+        Some(&ca),
     )?;
     authz_cli::put_issuer(&operator, authz_cli::dev_issuer(issuer_key)).await?;
     Ok(response.root_token)

@@ -10,6 +10,7 @@ mod dev;
 mod identity;
 mod output;
 mod server;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -63,6 +64,20 @@ enum Command {
     Audit(audit::AuditCommand),
     /// Run the product story against the cluster in MANDATE_ADDR.
     Demo(demo::DemoArgs),
+    /// Certificates for TLS: a cluster CA and node certificates.
+    Tls(TlsCommand),
+}
+
+#[derive(Args, Debug)]
+struct TlsCommand {
+    #[command(subcommand)]
+    command: TlsSub,
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsSub {
+    /// Make the cluster CA (unless DIR has one) and a certificate for each node named.
+    Init(tls::TlsInitArgs),
 }
 
 /// How to reach the cluster; shared by every client command.
@@ -79,6 +94,10 @@ pub struct Connection {
     /// Operator token.
     #[arg(long, env = "MANDATE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA certificate (PEM): talk TLS and trust only nodes it signed. Without it
+    /// the client speaks plaintext, for clusters run with `--insecure`.
+    #[arg(long, env = "MANDATE_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -86,7 +105,24 @@ pub struct Connection {
 
 impl Connection {
     pub fn client(&self) -> Result<Client, ClientError> {
-        Client::new(&parse_addrs(&self.addr), self.token.as_deref())
+        self.client_at(&parse_addrs(&self.addr))
+    }
+
+    /// A client for the given node addresses, with this connection's token and CA.
+    pub fn client_at(&self, addrs: &[String]) -> Result<Client, ClientError> {
+        let ca = self
+            .ca_cert
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|e| {
+                    ClientError::Config(format!(
+                        "cannot read the CA certificate {}: {e}",
+                        path.display()
+                    ))
+                })
+            })
+            .transpose()?;
+        Client::with_ca(addrs, self.token.as_deref(), ca.as_deref())
     }
 }
 
@@ -140,6 +176,9 @@ fn main() -> ExitCode {
             Command::Issuer(c) => authz_cli::issuer(c).await,
             Command::Audit(c) => audit::run(c).await,
             Command::Demo(c) => demo::run(c).await,
+            Command::Tls(TlsCommand {
+                command: TlsSub::Init(args),
+            }) => tls::init(args),
         }
     });
     match result {

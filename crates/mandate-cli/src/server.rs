@@ -1,6 +1,7 @@
 //! `mandate server`: run one node from a config file, flags and `MANDATE_*` variables
 //! (flags and variables override the file).
 
+use mandate_server::tls::TlsFiles;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -42,6 +43,18 @@ pub struct ServerArgs {
     /// File holding the key-encryption key (64 hex digits); or give MANDATE_KEK itself.
     #[arg(long, env = "MANDATE_KEK_FILE")]
     kek_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM); with --tls-key and --tls-ca ([tls] in the file).
+    #[arg(long, env = "MANDATE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MANDATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present certificates it signed.
+    #[arg(long, env = "MANDATE_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Serve and dial in plaintext, without TLS (local experiments only; logged loudly).
+    #[arg(long, env = "MANDATE_INSECURE", conflicts_with = "tls_cert")]
+    insecure: bool,
     /// Most audit records retained (the leader's setting decides).
     #[arg(long, env = "MANDATE_AUDIT_RETAIN_RECORDS")]
     audit_retain_records: Option<u64>,
@@ -105,6 +118,8 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
                 join: None,
                 join_token: None,
                 kek_file: None,
+                tls: None,
+                insecure: false,
                 grants: GrantConfig::default(),
                 raft: RaftConfig::default(),
                 audit: AuditConfig::default(),
@@ -161,6 +176,20 @@ fn build_config(args: ServerArgs) -> Result<NodeConfig, Failure> {
     }
     if args.kek_file.is_some() {
         config.kek_file = args.kek_file;
+    }
+    if let (Some(cert_file), Some(key_file), Some(ca_file)) =
+        (args.tls_cert, args.tls_key, args.tls_ca)
+    {
+        config.tls = Some(TlsFiles {
+            cert_file,
+            key_file,
+            ca_file,
+        });
+        config.insecure = false;
+    }
+    if args.insecure {
+        config.insecure = true;
+        config.tls = None;
     }
     if let Some(v) = args.snapshot_logs_since_last {
         config.raft.snapshot_logs_since_last = v;

@@ -281,11 +281,12 @@ async fn read_until(
 }
 
 async fn subscribe(
+    ca_cert: &std::path::Path,
     addr: &str,
     token: &str,
     from: Option<pb::AuditPosition>,
 ) -> tonic::Streaming<pb::AuditRecord> {
-    common::client_at(addr, token)
+    common::client_at(ca_cert, addr, token)
         .audit(|mut a| async move {
             a.subscribe(pb::SubscribeRequest {
                 from,
@@ -308,7 +309,7 @@ fn a_subscriber_that_moves_to_another_node_after_leader_loss_misses_and_repeats_
     let survivors = format!("{first},{second}");
 
     let mut received = Vec::new();
-    let mut stream = rt.block_on(subscribe(&first, &c.token, None));
+    let mut stream = rt.block_on(subscribe(&c.ca_cert, &first, &c.token, None));
     for i in 0..5 {
         register(&c, &c.addrs.join(","), &format!("before-{i}"));
     }
@@ -332,7 +333,7 @@ fn a_subscriber_that_moves_to_another_node_after_leader_loss_misses_and_repeats_
         log_index: last.log_index,
         sequence: last.sequence + 1,
     };
-    let mut stream = rt.block_on(subscribe(&second, &c.token, Some(resume)));
+    let mut stream = rt.block_on(subscribe(&c.ca_cert, &second, &c.token, Some(resume)));
     for i in 0..5 {
         register(&c, &survivors, &format!("after-{i}"));
     }
@@ -510,6 +511,7 @@ fn refused_authentications_are_recorded_and_a_flood_is_counted_not_lost() {
         let out = Command::new(env!("CARGO_BIN_EXE_mandate"))
             .args(["agent", "list"])
             .env("MANDATE_ADDR", &c.addrs[0])
+            .env("MANDATE_CA_CERT", &c.ca_cert)
             .env("MANDATE_TOKEN", bad_operator)
             .output()
             .expect("run mandate");
@@ -561,7 +563,7 @@ fn refused_authentications_are_recorded_and_a_flood_is_counted_not_lost() {
     // A flood beyond the queue is dropped from the trail, counted, and the count recorded.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let client = std::sync::Arc::new(common::client_at(&c.addrs[0], bad_operator));
+        let client = std::sync::Arc::new(common::client_at(&c.ca_cert, &c.addrs[0], bad_operator));
         let calls = (0..1500).map(|_| {
             let client = client.clone();
             async move {
@@ -575,7 +577,7 @@ fn refused_authentications_are_recorded_and_a_flood_is_counted_not_lost() {
     });
     let info = c.json(&c.addrs[0], &["audit", "info"]);
     assert!(info["refusals_dropped"].as_u64() > Some(0), "{info}");
-    let (status, _, metrics) = common::http_get(&c.addrs[0], "/metrics");
+    let (status, _, metrics) = common::http_get(&c.ca_cert, &c.addrs[0], "/metrics");
     assert_eq!(status, 200);
     assert!(
         metrics.contains(&format!(

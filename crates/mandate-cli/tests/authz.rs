@@ -70,7 +70,7 @@ fn concurrent_consumes_of_a_single_use_grant_succeed_exactly_once_across_nodes()
     let clients: Vec<Arc<mandate_client::Client>> = c
         .addrs
         .iter()
-        .map(|a| Arc::new(client_at(a, &c.token)))
+        .map(|a| Arc::new(client_at(&c.ca_cert, a, &c.token)))
         .collect();
     let granted = rt.block_on(authorize(
         &clients[0],
@@ -125,7 +125,7 @@ fn after_a_revocation_commits_no_node_issues_a_grant_under_it() {
     let clients: Vec<Arc<mandate_client::Client>> = c
         .addrs
         .iter()
-        .map(|a| Arc::new(client_at(a, &c.token)))
+        .map(|a| Arc::new(client_at(&c.ca_cert, a, &c.token)))
         .collect();
     let live = rt.block_on(authorize(
         &clients[1],
@@ -224,13 +224,13 @@ fn a_replayed_assertion_is_refused_cluster_wide() {
         resource: "secret/team-a/db".into(),
         ..Default::default()
     };
-    let first = rt.block_on(client_at(&c.addrs[0], &c.token).authz(|mut a| {
+    let first = rt.block_on(client_at(&c.ca_cert, &c.addrs[0], &c.token).authz(|mut a| {
         let r = request.clone();
         async move { a.authorize(r).await }
     }));
     assert!(first.is_ok());
     for addr in &c.addrs {
-        let again = rt.block_on(client_at(addr, &c.token).authz(|mut a| {
+        let again = rt.block_on(client_at(&c.ca_cert, addr, &c.token).authz(|mut a| {
             let r = request.clone();
             async move { a.authorize(r).await }
         }));
@@ -246,7 +246,7 @@ fn a_replayed_assertion_is_refused_cluster_wide() {
         user_token: String::new(),
     };
     let call = |addr: &str| {
-        rt.block_on(client_at(addr, &c.token).authz(|mut a| {
+        rt.block_on(client_at(&c.ca_cert, addr, &c.token).authz(|mut a| {
             let r = complete.clone();
             async move { a.complete(r).await }
         }))

@@ -166,6 +166,7 @@ fn requests_without_a_valid_token_are_unauthenticated_and_write_nothing() {
         let mut cmd = std::process::Command::new(common::MANDATE);
         cmd.args(args)
             .env("MANDATE_ADDR", &addr)
+            .env("MANDATE_CA_CERT", &c.ca_cert)
             .env_remove("MANDATE_TOKEN");
         if let Some(t) = token {
             cmd.env("MANDATE_TOKEN", t);
@@ -237,9 +238,7 @@ fn concurrent_writers_each_get_their_own_result() {
     let c = DevCluster::start(1, 22600);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let results = runtime.block_on(async {
-        let client = std::sync::Arc::new(
-            mandate_client::Client::new(&c.addrs, Some(&c.token)).expect("client"),
-        );
+        let client = std::sync::Arc::new(common::clients(&c.ca_cert, &c.addrs, &c.token));
         let mut tasks = Vec::new();
         for i in 0..64 {
             let client = client.clone();
@@ -281,8 +280,7 @@ fn concurrent_writers_each_get_their_own_result() {
 fn an_oversized_request_is_refused_naming_the_request() {
     let c = DevCluster::start(1, 22800);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = runtime.block_on(async { mandate_client::Client::new(&c.addrs, Some(&c.token)) });
-    let client = client.expect("client");
+    let client = runtime.block_on(async { common::clients(&c.ca_cert, &c.addrs, &c.token) });
     for (size, code, field) in [
         (
             2 * 1024 * 1024,

@@ -65,15 +65,20 @@ fn grant_tokens_verify_with_an_independent_library_and_tampering_is_refused() {
     assert_eq!(granted["decision"], "allow", "{granted}");
     let token = granted["token"].as_str().expect("token").to_owned();
     let keys = c.json(&all, &["keys", "jwks"]);
-    // Every node publishes the same keys over plain HTTP, as over gRPC, and answers its probes.
+    // Every node publishes the same keys over HTTP (TLS), as over gRPC, and answers its probes.
     for addr in &c.addrs {
-        let (status, content_type, body) = common::http_get(addr, "/.well-known/jwks.json");
+        let (status, content_type, body) =
+            common::http_get(&c.ca_cert, addr, "/.well-known/jwks.json");
         assert_eq!(status, 200, "{addr}: {body}");
         assert_eq!(content_type, "application/jwk-set+json");
         let published: serde_json::Value = serde_json::from_str(&body).expect("jwks json");
         assert_eq!(published, keys["jwks"], "{addr}");
-        assert_eq!(common::http_get(addr, "/healthz").0, 200, "{addr}");
-        let (status, _, body) = common::http_get(addr, "/readyz");
+        assert_eq!(
+            common::http_get(&c.ca_cert, addr, "/healthz").0,
+            200,
+            "{addr}"
+        );
+        let (status, _, body) = common::http_get(&c.ca_cert, addr, "/readyz");
         assert!(status == 200 && body.starts_with("ready"), "{addr}: {body}");
     }
     let jwk = &keys["jwks"]["keys"][0];
@@ -119,7 +124,7 @@ fn grant_tokens_verify_with_an_independent_library_and_tampering_is_refused() {
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _enter = rt.enter();
-    let client = client_at(&c.addrs[1], &c.token);
+    let client = client_at(&c.ca_cert, &c.addrs[1], &c.token);
     for (name, bad) in [
         ("forged", &forged),
         ("wrong kid", &wrong_kid),

@@ -17,7 +17,7 @@ use mandate_proto::v1::cluster_client::ClusterClient;
 use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 pub use mandate_proto::v1 as pb;
@@ -101,6 +101,7 @@ pub struct Client {
     channels: Vec<Channel>,
     auth: BearerAuth,
     current: AtomicUsize,
+    tls: bool,
 }
 
 /// Splits `a,b,c` (as in `MANDATE_ADDR`) into addresses.
@@ -113,25 +114,56 @@ pub fn parse_addrs(list: &str) -> Vec<String> {
 }
 
 impl Client {
-    /// A client for the nodes at `addrs` (`host:port`, or full `http://` URLs).
+    /// A plaintext client for the nodes at `addrs` (`host:port`, or full `http://` URLs), for
+    /// clusters run with `--insecure`.
     pub fn new(addrs: &[String], token: Option<&str>) -> Result<Self, ClientError> {
+        Self::with_ca(addrs, token, None)
+    }
+
+    /// A client for the nodes at `addrs`; with `ca_pem` (the cluster CA, PEM) it speaks TLS
+    /// and trusts only nodes whose certificates that CA signed.
+    pub fn with_ca(
+        addrs: &[String],
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::Config(
                 "no node address given (use --addr or MANDATE_ADDR)".into(),
             ));
         }
+        let tls =
+            ca_pem.map(|pem| ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)));
         let mut channels = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let url = if addr.contains("://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
+            let host = addr
+                .strip_prefix("https://")
+                .or_else(|| addr.strip_prefix("http://"))
+                .unwrap_or(addr);
+            let url = match (&tls, addr.starts_with("http://")) {
+                (Some(_), true) => {
+                    return Err(ClientError::Config(format!(
+                        "{addr:?} asks for plaintext but a CA certificate was given (use https:// or host:port)"
+                    )))
+                }
+                (Some(_), false) => format!("https://{host}"),
+                (None, _) if addr.starts_with("https://") => {
+                    return Err(ClientError::Config(format!(
+                        "{addr:?} needs the cluster CA certificate (--ca-cert or MANDATE_CA_CERT)"
+                    )))
+                }
+                (None, _) => format!("http://{host}"),
             };
-            let endpoint = Endpoint::from_shared(url)
+            let mut endpoint = Endpoint::from_shared(url)
                 .map_err(|e| ClientError::Config(format!("bad address {addr:?}: {e}")))?
                 .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
                 .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
                 .tcp_nodelay(true);
+            if let Some(tls) = &tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| ClientError::Config(format!("TLS for {addr:?}: {e}")))?;
+            }
             channels.push(endpoint.connect_lazy());
         }
         let header = token
@@ -146,12 +178,29 @@ impl Client {
             channels,
             auth: BearerAuth { header },
             current: AtomicUsize::new(0),
+            tls: tls.is_some(),
         })
     }
 
     /// The address of the node the client currently talks to.
     pub fn current_addr(&self) -> &str {
         &self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    /// A connection that failed below gRPC: most often TLS on one side only, or a node
+    /// certificate the given CA did not sign.
+    fn is_transport(status: &Status) -> bool {
+        (status.code() == Code::Unknown && status.message().starts_with("transport error"))
+            || (status.code() == Code::Internal
+                && status.message().starts_with("h2 protocol error"))
+    }
+
+    fn tls_hint(&self) -> &'static str {
+        if self.tls {
+            " (TLS failed: is the node's certificate signed by the CA given with --ca-cert, or does the node run --insecure?)"
+        } else {
+            " (the node may require TLS: give the cluster CA with --ca-cert or MANDATE_CA_CERT)"
+        }
     }
 
     fn is_failover(status: &Status) -> bool {
@@ -181,6 +230,9 @@ impl Client {
                 }
                 Err(status) if Self::is_failover(&status) => {
                     last = format!("{}: {}", self.addrs[i], status.message());
+                }
+                Err(status) if Self::is_transport(&status) => {
+                    last = format!("{}: {}{}", self.addrs[i], status.message(), self.tls_hint());
                 }
                 Err(status) => {
                     self.current.store(i, Ordering::Relaxed);

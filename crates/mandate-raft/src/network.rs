@@ -17,20 +17,30 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::{Member, NodeId, TypeConfig, PEER_MESSAGE_BYTES_MAX};
 
 /// How long a peer connection attempt may take.
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
 
-/// Lazily connected gRPC clients to the other members, by peer address.
+/// Lazily connected gRPC clients to the other members, by peer address: over mutual TLS when
+/// the node has certificates, in plaintext when it runs `--insecure`.
 #[derive(Clone, Default)]
 pub struct PeerClients {
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerClients {
+    /// Clients that dial with `tls` (`None`: plaintext).
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        PeerClients {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     /// A client for the peer listening at `peer_addr` (`host:port`).
     pub fn client(
         &self,
@@ -40,10 +50,14 @@ impl PeerClients {
         let channel = match channels.get(peer_addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{peer_addr}"))?
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{peer_addr}"))?
                     .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                    .tcp_nodelay(true);
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint.tls_config(tls.clone())?;
+                }
+                let c = endpoint.connect_lazy();
                 channels.insert(peer_addr.to_owned(), c.clone());
                 c
             }

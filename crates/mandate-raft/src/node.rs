@@ -12,6 +12,7 @@ use mandate_proto::v1::{
 use mandate_store::{Member, NodeId, StateView};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ServerState};
+use tonic::transport::ClientTlsConfig;
 
 use crate::batcher::{BatchError, Batcher};
 use crate::network::{NetworkFactory, PeerClients};
@@ -69,13 +70,14 @@ impl Node {
         member: Member,
         data_dir: &Path,
         timing: &RaftTiming,
+        peer_tls: Option<ClientTlsConfig>,
     ) -> Result<Arc<Node>, String> {
         let config = timing
             .to_config()
             .map_err(|e| format!("raft configuration: {e}"))?;
         let (log, sm) = mandate_store::open(data_dir).map_err(|e| e.to_string())?;
         let view = sm.view();
-        let peers = PeerClients::default();
+        let peers = PeerClients::new(peer_tls);
         let network = NetworkFactory {
             peers: peers.clone(),
         };

@@ -1,5 +1,6 @@
 //! The `Cluster` gRPC service: initialisation, status, membership, snapshots, operator tokens.
 
+use crate::tls::{member_endpoint, Tls};
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub struct ClusterService {
     hasher: AuditHasher,
     signer: Arc<Signer>,
     refusals: Arc<Refusals>,
+    tls: Option<Tls>,
 }
 
 impl ClusterService {
@@ -53,6 +55,7 @@ impl ClusterService {
         signer: Arc<Signer>,
         hasher: AuditHasher,
         refusals: Arc<Refusals>,
+        tls: Option<Tls>,
     ) -> Self {
         ClusterService {
             node,
@@ -60,6 +63,7 @@ impl ClusterService {
             hasher,
             signer,
             refusals,
+            tls,
         }
     }
 
@@ -260,7 +264,8 @@ impl Cluster for ClusterService {
                 members.extend(local.status.clone());
                 continue;
             }
-            let fetched = member_status(&node.client_addr, authorization.clone()).await;
+            let fetched =
+                member_status(&node.client_addr, self.tls.as_ref(), authorization.clone()).await;
             members.push(fetched.unwrap_or_else(|| MemberStatus {
                 id: *id,
                 peer_addr: node.peer_addr.clone(),
@@ -416,9 +421,10 @@ impl Cluster for ClusterService {
 
 async fn member_status(
     client_addr: &str,
+    tls: Option<&Tls>,
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Option<MemberStatus> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{client_addr}"))
+    let endpoint = member_endpoint(client_addr, tls)
         .ok()?
         .connect_timeout(Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS))
         .timeout(Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS));

@@ -7,6 +7,7 @@ use mandate_raft::RaftTiming;
 use serde::{Deserialize, Serialize};
 
 use crate::audit_sink::SinkConfig;
+use crate::tls::TlsFiles;
 
 /// One initial member of the cluster, as listed in `peers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +135,12 @@ pub struct NodeConfig {
     /// Without one the node cannot sign grants or seal secrets.
     #[serde(default)]
     pub kek_file: Option<PathBuf>,
+    /// Certificates for both listeners (`[tls]`); required unless `insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// Serve and dial in plaintext. Only for local experiments: the node logs it loudly.
+    #[serde(default)]
+    pub insecure: bool,
     #[serde(default)]
     pub grants: GrantConfig,
     #[serde(default)]
@@ -224,6 +231,24 @@ impl NodeConfig {
                 });
             }
         }
+        match (&self.tls, self.insecure) {
+            (None, false) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls",
+                    message: "no certificates: set [tls] cert_file, key_file and ca_file \
+                              (`mandate tls init` makes them), or run with --insecure to \
+                              serve plaintext"
+                        .into(),
+                })
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid {
+                    key: "insecure",
+                    message: "cannot be set together with [tls]".into(),
+                })
+            }
+            _ => {}
+        }
         let hard = GrantConfig::default();
         let g = &self.grants;
         if g.ttl_s_max == 0
@@ -294,6 +319,8 @@ mod tests {
             join: None,
             join_token: None,
             kek_file: None,
+            tls: None,
+            insecure: true,
             grants: GrantConfig::default(),
             raft: RaftConfig::default(),
             audit: AuditConfig::default(),
@@ -315,6 +342,7 @@ node_id = 1
 client_addr = "127.0.0.1:7400"
 peer_addr = "127.0.0.1:7500"
 data_dir = "/tmp/x"
+insecure = true
 
 [audit]
 retain_records = 1000
@@ -400,6 +428,26 @@ kind = "stdout"
         c.grants.ttl_s_max = 30;
         c.grants.ttl_s_default = 10;
         c.validate().expect("tighter limits are fine");
+    }
+
+    #[test]
+    fn a_node_without_certificates_must_say_insecure() {
+        let mut c = config();
+        c.insecure = false;
+        let err = c.validate().expect_err("no tls").to_string();
+        assert!(err.contains("tls") && err.contains("--insecure"), "{err}");
+        c.tls = Some(TlsFiles {
+            cert_file: "node.pem".into(),
+            key_file: "node-key.pem".into(),
+            ca_file: "ca.pem".into(),
+        });
+        c.validate().expect("certificates given");
+        c.insecure = true;
+        assert!(c
+            .validate()
+            .expect_err("both")
+            .to_string()
+            .contains("insecure"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod registry_service;
 pub mod sealing;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod tokens;
 
 pub use config::NodeConfig;

@@ -31,6 +31,7 @@ use crate::refusals::{self, Refusals};
 use crate::registry_service::RegistryService;
 use crate::sealing::AuditHasher;
 use crate::sealing::Kek;
+use crate::tls::{member_endpoint, Tls};
 use crate::tokens::Signer;
 use crate::{status, CLIENT_MESSAGE_BYTES_MAX};
 
@@ -189,9 +190,23 @@ pub async fn run(
         client_addr: config.client_addr.clone(),
     };
     let timing = RaftTiming::from(&config.raft);
-    let node = Node::start(config.node_id, member, &config.data_dir, &timing)
-        .await
-        .map_err(ServerError::Start)?;
+    let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+    if tls.is_none() {
+        tracing::warn!(
+            "INSECURE: TLS is off (--insecure). Tokens, assertions, grants and secrets cross the \
+             network in plaintext and any process that reaches the peer port can join raft. \
+             Never run a real cluster like this."
+        );
+    }
+    let node = Node::start(
+        config.node_id,
+        member,
+        &config.data_dir,
+        &timing,
+        tls.as_ref().map(Tls::dialer),
+    )
+    .await
+    .map_err(ServerError::Start)?;
     let kek = load_kek(&config)?;
     if kek.is_none() {
         tracing::warn!("no key-encryption key (kek_file or MANDATE_KEK): this node cannot sign grants or seal secrets");
@@ -211,7 +226,16 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let peer = Server::builder().add_service(
+    let mut peer_builder = Server::builder();
+    if let Some(tls) = &tls {
+        peer_builder = peer_builder
+            .tls_config(tls.peer_listener())
+            .map_err(|source| ServerError::Serve {
+                listener: "peer",
+                source,
+            })?;
+    }
+    let peer = peer_builder.add_service(
         RaftPeerServer::new(PeerService::new(node.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
@@ -235,6 +259,7 @@ pub async fn run(
             signer.clone(),
             hasher.clone(),
             refusals.clone(),
+            tls.clone(),
         ))
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
     )
@@ -296,9 +321,15 @@ pub async fn run(
     let peer_task = tokio::spawn(
         peer.serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
     );
-    let client_task = tokio::spawn(
-        client.serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone())),
-    );
+    let client_stop = stopped(stop_rx.clone());
+    let client_task = match &tls {
+        Some(tls) => tokio::spawn(
+            client.serve_with_incoming_shutdown(tls.client_incoming(client_listener), client_stop),
+        ),
+        None => tokio::spawn(
+            client.serve_with_incoming_shutdown(incoming(client_listener), client_stop),
+        ),
+    };
     let audit_housekeeping = tokio::spawn(audit_service::housekeeping(
         node.clone(),
         config.audit.clone(),
@@ -310,7 +341,12 @@ pub async fn run(
         Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
     ));
     if let Some(join) = config.join.clone() {
-        tokio::spawn(join_cluster(node.clone(), config.clone(), join));
+        tokio::spawn(join_cluster(
+            node.clone(),
+            config.clone(),
+            tls.clone(),
+            join,
+        ));
     }
 
     shutdown.await;
@@ -337,7 +373,7 @@ pub async fn run(
 }
 
 /// Asks the member at `join` to add this node as a learner, until it is a member.
-async fn join_cluster(node: Arc<Node>, config: NodeConfig, join: String) {
+async fn join_cluster(node: Arc<Node>, config: NodeConfig, tls: Option<Tls>, join: String) {
     let token = config
         .join_token
         .clone()
@@ -359,7 +395,7 @@ async fn join_cluster(node: Arc<Node>, config: NodeConfig, join: String) {
             tracing::info!("this node is a member of the cluster");
             return;
         }
-        match ask_to_join(&join, &token, &config).await {
+        match ask_to_join(&join, &token, &config, tls.as_ref()).await {
             Ok(()) => {
                 tracing::info!(join = %join, "added as a learner; promote it with `mandate cluster promote`");
                 return;
@@ -371,10 +407,18 @@ async fn join_cluster(node: Arc<Node>, config: NodeConfig, join: String) {
     tracing::error!(join = %join, "giving up joining the cluster");
 }
 
-async fn ask_to_join(join: &str, token: &str, config: &NodeConfig) -> Result<(), String> {
-    let mut client = ClusterClient::connect(format!("http://{join}"))
+async fn ask_to_join(
+    join: &str,
+    token: &str,
+    config: &NodeConfig,
+    tls: Option<&Tls>,
+) -> Result<(), String> {
+    let channel = member_endpoint(join, tls)
+        .map_err(|e| e.to_string())?
+        .connect()
         .await
         .map_err(|e| e.to_string())?;
+    let mut client = ClusterClient::new(channel);
     let mut request = tonic::Request::new(AddLearnerRequest {
         member: Some(MemberMsg {
             id: config.node_id,

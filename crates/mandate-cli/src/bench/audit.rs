@@ -65,7 +65,7 @@ pub async fn run(
         .last()
         .cloned()
         .ok_or_else(|| Failure("no address given".into()))?;
-    let client = Client::new(std::slice::from_ref(&last), connection.token.as_deref())?;
+    let client = connection.client_at(std::slice::from_ref(&last))?;
 
     let baseline = phase(connection, clients, duration, Some(world.clone())).await?;
 

@@ -35,6 +35,8 @@ pub struct DevCluster {
     pub nodes: u16,
     pub addrs: Vec<String>,
     pub token: String,
+    /// The throw-away cluster CA `dev` made (every client command trusts it).
+    pub ca_cert: PathBuf,
     dev: Child,
     extra: Vec<Child>,
     /// The environment `dev` was started with (kept for restarts).
@@ -50,12 +52,14 @@ impl DevCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let dev = spawn_dev(dir.path(), nodes, base, env);
         let (addrs, token) = wait_for_env(dir.path());
+        let ca_cert = dir.path().join("tls/ca.pem");
         DevCluster {
             dir,
             base,
             nodes,
             addrs,
             token,
+            ca_cert,
             dev,
             extra: Vec::new(),
             env: env
@@ -84,6 +88,7 @@ impl DevCluster {
             .args(args)
             .env("MANDATE_ADDR", addrs)
             .env("MANDATE_TOKEN", &self.token)
+            .env("MANDATE_CA_CERT", &self.ca_cert)
             .stdin(Stdio::null())
             .output()
             .expect("run mandate")
@@ -148,8 +153,37 @@ impl DevCluster {
         self.extra.push(child);
     }
 
-    /// Starts a node outside `dev` with the given flags (it is stopped with the cluster).
+    /// Makes (once) a certificate for node `id` from the cluster's CA; returns the server flags
+    /// that use it.
+    pub fn tls_flags(&self, id: &str) -> Vec<String> {
+        let tls = self.dir.path().join("tls");
+        let out = Command::new(MANDATE)
+            .args(["tls", "init", "--dir"])
+            .arg(&tls)
+            .args(["--node", &format!("{id}=127.0.0.1")])
+            .output()
+            .expect("run mandate tls init");
+        assert!(out.status.success(), "tls init: {}", stderr(&out));
+        let path = |name: String| tls.join(name).to_str().expect("utf-8").to_owned();
+        vec![
+            "--tls-cert".into(),
+            path(format!("node-{id}.pem")),
+            "--tls-key".into(),
+            path(format!("node-{id}-key.pem")),
+            "--tls-ca".into(),
+            path("ca.pem".into()),
+        ]
+    }
+
+    /// Starts a node outside `dev` with the given flags and a certificate from the cluster's
+    /// CA (it is stopped with the cluster).
     pub fn spawn_server(&mut self, args: &[&str], env: &[(&str, &str)]) -> PathBuf {
+        let id = args
+            .iter()
+            .position(|a| *a == "--node-id")
+            .and_then(|i| args.get(i + 1))
+            .expect("spawn_server needs --node-id");
+        let tls = self.tls_flags(id);
         let log = self
             .dir
             .path()
@@ -158,6 +192,7 @@ impl DevCluster {
         let child = Command::new(MANDATE)
             .arg("server")
             .args(args)
+            .args(&tls)
             .envs(env.iter().copied())
             .stdout(file.try_clone().expect("clone log"))
             .stderr(file)
@@ -423,8 +458,14 @@ pub fn base64_url(bytes: &[u8]) -> String {
 }
 
 /// A client pinned to one node (no failover), for tests that must hit every node.
-pub fn client_at(addr: &str, token: &str) -> mandate_client::Client {
-    mandate_client::Client::new(&[addr.to_owned()], Some(token)).expect("client")
+pub fn client_at(ca_cert: &Path, addr: &str, token: &str) -> mandate_client::Client {
+    clients(ca_cert, &[addr.to_owned()], token)
+}
+
+/// A client of the nodes at `addrs` that trusts the cluster CA at `ca_cert`.
+pub fn clients(ca_cert: &Path, addrs: &[String], token: &str) -> mandate_client::Client {
+    let ca = std::fs::read(ca_cert).expect("read the CA");
+    mandate_client::Client::with_ca(addrs, Some(token), Some(&ca)).expect("client")
 }
 
 /// Runs a command that must fail with one line on stderr naming `code` and containing `needle`.
@@ -444,16 +485,46 @@ pub fn refused(c: &DevCluster, args: &[&str], code: &str, needle: &str) {
 }
 
 /// One HTTP/1.1 GET: (status, content type, body).
-pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+/// One HTTP/1.1 GET over TLS (trusting `ca_cert`): status, content type and body.
+pub fn http_get(ca_cert: &Path, addr: &str, path: &str) -> (u16, String, String) {
+    use rustls::pki_types::pem::PemObject;
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let pem = std::fs::read_to_string(ca_cert).expect("read the CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(der.expect("CA pem")).expect("CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // Offer only HTTP/1.1, as Kubernetes probes and Prometheus do.
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (host, _) = addr.rsplit_once(':').expect("host:port");
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
+    let mut raw = Vec::new();
+    // The server may close without a TLS close_notify after `Connection: close`.
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "read response: {e}"
+        );
+    }
+    let response = String::from_utf8(raw).expect("utf-8 response");
     let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
     let status = head
         .split(' ')
