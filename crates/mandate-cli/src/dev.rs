@@ -104,12 +104,7 @@ fn node_config(dir: &Path, id: u64, base: u16, nodes: u16, tls: &NodeFiles) -> N
 fn ensure_secrets(dir: &Path) -> Result<ed25519_dalek::SigningKey, Failure> {
     let kek = dir.join(KEK_FILE);
     if !kek.exists() {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&kek)?;
-        std::io::Write::write_all(&mut file, Kek::generate_hex().as_bytes())?;
-        file.sync_all()?;
+        identity::write_private(&kek, &Kek::generate_hex())?;
     }
     let issuer = dir.join(DEV_ISSUER_KEY_FILE);
     if issuer.exists() {

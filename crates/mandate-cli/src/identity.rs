@@ -61,20 +61,27 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey, Failure> {
     })
 }
 
-/// Writes a new Ed25519 private key (PKCS#8 PEM, mode 0600); refuses to overwrite.
-pub fn write_new_signing_key(path: &Path) -> Result<SigningKey, Failure> {
-    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pem = signing
-        .to_pkcs8_pem(Default::default())
-        .map_err(|e| Failure(format!("encoding the private key: {e}")))?;
+/// Writes secret `text` to a new file readable by its owner only (mode 0600), synced; refuses
+/// to overwrite.
+pub fn write_private(path: &Path, text: &str) -> Result<(), Failure> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options
         .open(path)
         .map_err(|e| Failure(format!("cannot create {}: {e}", path.display())))?;
-    std::io::Write::write_all(&mut file, pem.as_bytes())?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
     file.sync_all()?;
+    Ok(())
+}
+
+/// Writes a new Ed25519 private key (PKCS#8 PEM, mode 0600); refuses to overwrite.
+pub fn write_new_signing_key(path: &Path) -> Result<SigningKey, Failure> {
+    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pem = signing
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| Failure(format!("encoding the private key: {e}")))?;
+    write_private(path, &pem)?;
     Ok(signing)
 }
 

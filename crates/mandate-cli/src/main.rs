@@ -7,6 +7,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod dev;
+mod health;
 mod identity;
 mod output;
 mod server;
@@ -66,6 +67,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Certificates for TLS: a cluster CA and node certificates.
     Tls(TlsCommand),
+    /// Check that a node is alive (or, with --ready, ready to serve); for health checks.
+    Health(health::HealthArgs),
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
             Command::Tls(TlsCommand {
                 command: TlsSub::Init(args),
             }) => tls::init(args),
+            Command::Health(args) => health::run(args),
         }
     });
     match result {

@@ -16,6 +16,7 @@ use rcgen::{
 };
 use serde_json::json;
 
+use crate::identity::write_private;
 use crate::output::print;
 use crate::Failure;
 
@@ -52,18 +53,6 @@ fn this_year() -> i32 {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     1970 + i32::try_from(secs / 31_556_952).unwrap_or(0)
-}
-
-fn write_private(path: &Path, text: &str) -> Result<(), Failure> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| Failure(format!("cannot create {}: {e}", path.display())))?;
-    std::io::Write::write_all(&mut file, text.as_bytes())?;
-    file.sync_all()?;
-    Ok(())
 }
 
 fn tls_error(what: &str) -> impl Fn(rcgen::Error) -> Failure + '_ {

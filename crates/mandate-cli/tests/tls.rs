@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -40,6 +40,19 @@ fn read_index(addr: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> Result
     })
 }
 
+/// A CA other than the cluster's, with a certificate for `node`; returns its directory.
+fn foreign_ca(c: &DevCluster, node: &str) -> PathBuf {
+    let other = c.dir.path().join("other-ca");
+    let out = Command::new(MANDATE)
+        .args(["tls", "init", "--dir"])
+        .arg(&other)
+        .args(["--node", &format!("{node}=127.0.0.1")])
+        .output()
+        .expect("tls init");
+    assert!(out.status.success(), "{}", stderr(&out));
+    other
+}
+
 /// One plaintext HTTP/1.1 GET; the whole response.
 fn plain_http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -69,14 +82,7 @@ fn the_peer_listener_admits_only_peers_signed_by_the_cluster_ca() {
     );
 
     // The same request with a certificate from another CA, or with none, is refused.
-    let other = c.dir.path().join("other-ca");
-    let out = Command::new(MANDATE)
-        .args(["tls", "init", "--dir"])
-        .arg(&other)
-        .args(["--node", "9=127.0.0.1"])
-        .output()
-        .expect("tls init");
-    assert!(out.status.success(), "{}", stderr(&out));
+    let other = foreign_ca(&c, "9");
     let foreign = (other.join("node-9.pem"), other.join("node-9-key.pem"));
     let refused = read_index(&peer, &c.ca_cert, Some((&foreign.0, &foreign.1)));
     assert!(refused.is_err(), "a foreign peer was admitted: {refused:?}");
@@ -93,14 +99,7 @@ fn clients_talk_tls_and_trust_only_the_cluster_ca() {
     let ok = c.json(&c.addrs[0], &["cluster", "status"]);
     assert_eq!(ok["members"].as_array().map(Vec::len), Some(1), "{ok}");
 
-    let other = c.dir.path().join("other-ca");
-    let out = Command::new(MANDATE)
-        .args(["tls", "init", "--dir"])
-        .arg(&other)
-        .args(["--node", "1=127.0.0.1"])
-        .output()
-        .expect("tls init");
-    assert!(out.status.success(), "{}", stderr(&out));
+    let other = foreign_ca(&c, "1");
     let wrong_ca = Command::new(MANDATE)
         .args(["cluster", "status"])
         .env("MANDATE_ADDR", &c.addrs[0])

@@ -233,6 +233,39 @@ pub fn update_agent(cmd: &pb::UpdateAgent) -> Result<(), DomainError> {
 }
 
 /// An operator token's name: 1–128 printable bytes.
+/// Longest host name in a member address (RFC 1035).
+pub const HOST_BYTES_MAX: usize = 253;
+
+/// A member address: `IP:port`, `[IPv6]:port` or `dns-name:port` (a name lets containers and
+/// Kubernetes pods be reached by their stable names; certificates must carry it).
+pub fn host_port(field: &str, addr: &str) -> Result<(), DomainError> {
+    let bad = |why: &str| {
+        DomainError::invalid(
+            field,
+            format!("{addr:?} is not host:port ({why}), e.g. 10.0.0.1:7400 or mandate-1:7400"),
+        )
+    };
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port is not 1 to 65535")),
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > HOST_BYTES_MAX || !host.split('.').all(label_ok) {
+        return Err(bad("the host is neither an IP address nor a DNS name"));
+    }
+    Ok(())
+}
+
 pub fn token_name(name: &str) -> Result<(), DomainError> {
     if name.is_empty() {
         return Err(DomainError::invalid("name", "must not be empty"));

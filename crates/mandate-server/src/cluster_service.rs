@@ -176,12 +176,7 @@ fn parse_member(m: &MemberMsg) -> Result<(u64, Member), Status> {
         ("member.peer_addr", &m.peer_addr),
         ("member.client_addr", &m.client_addr),
     ] {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                field,
-                format!("{addr:?} is not host:port with a numeric host"),
-            ));
-        }
+        mandate_core::validate::host_port(field, addr).map_err(|e| status::from_domain(&e))?;
     }
     Ok((
         m.id,

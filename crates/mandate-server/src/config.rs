@@ -192,12 +192,10 @@ impl NodeConfig {
             ("client_addr", &self.client_addr),
             ("peer_addr", &self.peer_addr),
         ] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: format!("{addr:?} is not host:port with a numeric host"),
-                });
-            }
+            mandate_core::validate::host_port(key, addr).map_err(|e| ConfigError::Invalid {
+                key,
+                message: e.message,
+            })?;
         }
         if self.client_addr == self.peer_addr {
             return Err(ConfigError::Invalid {
@@ -408,6 +406,17 @@ kind = "stdout"
             .expect_err("no port")
             .to_string()
             .contains("client_addr"));
+        let mut c = config();
+        c.peer_addr = "mandate_1:7500".into();
+        assert!(c
+            .validate()
+            .expect_err("underscore")
+            .to_string()
+            .contains("peer_addr"));
+        let mut c = config();
+        c.client_addr = "mandate-1.mandate.default.svc:7400".into();
+        c.peer_addr = "mandate-1.mandate.default.svc:7500".into();
+        c.validate().expect("DNS names are addresses too");
     }
 
     #[test]
