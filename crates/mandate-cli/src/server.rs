@@ -222,7 +222,12 @@ async fn shutdown_signal() {
 pub async fn run(args: ServerArgs) -> Result<(), Failure> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .map_err(|e| Failure(format!("--log {:?}: {e}", args.log)))?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour only on a terminal: log files and `docker logs` get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
     let config = build_config(args)?;
     mandate_server::run(config, shutdown_signal())
         .await

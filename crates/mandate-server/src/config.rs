@@ -460,6 +460,18 @@ kind = "stdout"
     }
 
     #[test]
+    fn the_example_node_configs_in_deploy_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config");
+        for id in 1..=3u64 {
+            let c = NodeConfig::load(&dir.join(format!("node-{id}.toml"))).expect("loads");
+            c.validate().expect("valid");
+            assert_eq!(c.node_id, id);
+            assert!(c.tls.is_some() && !c.insecure, "examples use TLS");
+            assert_eq!(c.peers.len(), 3);
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let text = format!("{}\nbogus = 1\n", config().to_toml());
         let err = toml::from_str::<NodeConfig>(&text).expect_err("unknown key");
