@@ -223,13 +223,37 @@ impl Client {
         let mut last = String::new();
         for attempt in 0..n * ADDRESS_PASSES_MAX {
             let i = (start + attempt) % n;
-            match call(make(self.channels[i].clone())).await {
+            // The transport's own timeouts do not cover a TLS handshake with a node that
+            // accepted the connection and then stopped (a paused process): bound the whole call.
+            let answer = tokio::time::timeout(
+                Duration::from_millis(REQUEST_TIMEOUT_MS),
+                call(make(self.channels[i].clone())),
+            )
+            .await;
+            let Ok(answer) = answer else {
+                // The request may have been received: its outcome is unknown, so no retry.
+                return Err(ClientError::Status {
+                    code: Code::DeadlineExceeded,
+                    message: format!(
+                        "{} gave no answer within {REQUEST_TIMEOUT_MS} ms; the outcome is unknown",
+                        self.addrs[i]
+                    ),
+                    field: None,
+                });
+            };
+            match answer {
                 Ok(response) => {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok(response.into_inner());
                 }
                 Err(status) if Self::is_failover(&status) => {
-                    last = format!("{}: {}", self.addrs[i], status.message());
+                    // A plaintext client that a TLS node hangs up on sees a cancelled call.
+                    let hint = if !self.tls && status.code() == Code::Cancelled {
+                        self.tls_hint()
+                    } else {
+                        ""
+                    };
+                    last = format!("{}: {}{hint}", self.addrs[i], status.message());
                 }
                 Err(status) if Self::is_transport(&status) => {
                     last = format!("{}: {}{}", self.addrs[i], status.message(), self.tls_hint());

@@ -419,19 +419,25 @@ async fn member_status(
     tls: Option<&Tls>,
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Option<MemberStatus> {
+    let timeout = Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS);
     let endpoint = member_endpoint(client_addr, tls)
         .ok()?
-        .connect_timeout(Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS))
-        .timeout(Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS));
-    let channel = endpoint.connect().await.ok()?;
+        .connect_timeout(timeout)
+        .timeout(timeout);
     let mut request = Request::new(StatusRequest {});
     if let Some(value) = authorization {
         request.metadata_mut().insert("authorization", value);
     }
-    ClusterClient::new(channel)
-        .node_status(request)
-        .await
-        .ok()?
-        .into_inner()
-        .status
+    // The whole exchange is bounded: a paused member accepts the connection (the kernel does)
+    // but never finishes the TLS handshake, which the transport's timeouts do not cover.
+    let asked = async {
+        let channel = endpoint.connect().await.ok()?;
+        ClusterClient::new(channel)
+            .node_status(request)
+            .await
+            .ok()?
+            .into_inner()
+            .status
+    };
+    tokio::time::timeout(timeout, asked).await.ok().flatten()
 }
