@@ -513,7 +513,14 @@ pub async fn authorize(args: AuthorizeArgs) -> Result<(), Failure> {
             let request = pb::GetApprovalRequest {
                 agent_assertion: identity.assertion(&client).await?,
                 approval_id: r.approval_id.clone(),
-                wait_ms: 20_000,
+                wait_ms: APPROVAL_POLL_MS.min(
+                    u64::try_from(
+                        deadline
+                            .saturating_duration_since(std::time::Instant::now())
+                            .as_millis(),
+                    )
+                    .unwrap_or(APPROVAL_POLL_MS),
+                ),
             };
             r = client
                 .authz(|mut c| {
@@ -526,6 +533,10 @@ pub async fn authorize(args: AuthorizeArgs) -> Result<(), Failure> {
     print(&decision_json(&r), args.connection.json);
     Ok(())
 }
+
+/// The longest one poll for an approval's outcome asks the node to hold it: well inside the
+/// client's bound on a call, so a long wait is a series of answered polls.
+pub const APPROVAL_POLL_MS: u64 = mandate_client::REQUEST_TIMEOUT_MS - 5_000;
 
 // ------------------------------------------------------------------ approvals
 

@@ -53,6 +53,19 @@ fn foreign_ca(c: &DevCluster, node: &str) -> PathBuf {
     other
 }
 
+/// `mandate cluster status` against node 1, trusting `ca` (`None`: plaintext).
+fn status_trusting(c: &DevCluster, ca: Option<&Path>) -> std::process::Output {
+    let mut cmd = Command::new(MANDATE);
+    cmd.args(["cluster", "status"])
+        .env("MANDATE_ADDR", &c.addrs[0])
+        .env("MANDATE_TOKEN", &c.token);
+    match ca {
+        Some(ca) => cmd.env("MANDATE_CA_CERT", ca),
+        None => cmd.env_remove("MANDATE_CA_CERT"),
+    };
+    cmd.output().expect("cluster status")
+}
+
 /// One plaintext HTTP/1.1 GET; the whole response.
 fn plain_http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -100,26 +113,14 @@ fn clients_talk_tls_and_trust_only_the_cluster_ca() {
     assert_eq!(ok["members"].as_array().map(Vec::len), Some(1), "{ok}");
 
     let other = foreign_ca(&c, "1");
-    let wrong_ca = Command::new(MANDATE)
-        .args(["cluster", "status"])
-        .env("MANDATE_ADDR", &c.addrs[0])
-        .env("MANDATE_TOKEN", &c.token)
-        .env("MANDATE_CA_CERT", other.join("ca.pem"))
-        .output()
-        .expect("status");
+    let wrong_ca = status_trusting(&c, Some(&other.join("ca.pem")));
     assert!(!wrong_ca.status.success());
     assert!(
         stderr(&wrong_ca).contains("certificate"),
         "{}",
         stderr(&wrong_ca)
     );
-    let plaintext = Command::new(MANDATE)
-        .args(["cluster", "status"])
-        .env("MANDATE_ADDR", &c.addrs[0])
-        .env("MANDATE_TOKEN", &c.token)
-        .env_remove("MANDATE_CA_CERT")
-        .output()
-        .expect("status");
+    let plaintext = status_trusting(&c, None);
     assert!(!plaintext.status.success());
     assert!(
         stderr(&plaintext).contains("--ca-cert"),

@@ -465,7 +465,6 @@ fn agent_entity(agent: &pb::Agent) -> Result<Entity, String> {
 /// and its ancestors), the action, the resource and the context are built once.
 pub struct Prepared {
     entities: Entities,
-    action_name: String,
     action: EntityUid,
     resource: EntityUid,
     context: Context,
@@ -487,7 +486,6 @@ impl Prepared {
             entities: agents
                 .add_entities([resource_entity(resource)], None)
                 .map_err(|e| e.to_string())?,
-            action_name: action.to_owned(),
             action: uid("Action", action),
             resource: uid("Resource", resource),
             context: context(ctx)?,
@@ -496,7 +494,10 @@ impl Prepared {
 
     /// Evaluates the policies of `index` that can apply to `subject`.
     pub fn evaluate_indexed(&self, index: &PolicyIndex, subject: &Subject<'_>) -> Verdict {
-        self.evaluate(index.for_subject(subject, &self.action_name), subject)
+        self.evaluate(
+            index.for_subject(subject, self.action.id().as_ref()),
+            subject,
+        )
     }
 
     /// Evaluates `set` for `subject`. Evaluation problems deny (and are reported).

@@ -419,17 +419,14 @@ async fn member_status(
     tls: Option<&Tls>,
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Option<MemberStatus> {
-    let timeout = Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS);
-    let endpoint = member_endpoint(client_addr, tls)
-        .ok()?
-        .connect_timeout(timeout)
-        .timeout(timeout);
+    let endpoint = member_endpoint(client_addr, tls).ok()?;
     let mut request = Request::new(StatusRequest {});
     if let Some(value) = authorization {
         request.metadata_mut().insert("authorization", value);
     }
-    // The whole exchange is bounded: a paused member accepts the connection (the kernel does)
-    // but never finishes the TLS handshake, which the transport's timeouts do not cover.
+    // The whole exchange is bounded at once: a paused member accepts the connection (the
+    // kernel does) but never finishes the TLS handshake, which the transport's own connect and
+    // request timeouts do not cover.
     let asked = async {
         let channel = endpoint.connect().await.ok()?;
         ClusterClient::new(channel)
@@ -439,5 +436,8 @@ async fn member_status(
             .into_inner()
             .status
     };
-    tokio::time::timeout(timeout, asked).await.ok().flatten()
+    tokio::time::timeout(Duration::from_millis(MEMBER_STATUS_TIMEOUT_MS), asked)
+        .await
+        .ok()
+        .flatten()
 }
