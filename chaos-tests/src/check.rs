@@ -1,9 +1,13 @@
 //! Checks over a history, once the cluster has healed. Each returns what it found wrong.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use mandate_client::Code;
+
 use crate::history::{Operation, Outcome};
+use crate::linearizability::{self, Call, Model, Verdict};
+use crate::workload::{Delegation, Seen, ALLOW, INITIAL_DESCRIPTION};
 
 /// Invariant 1: every acknowledged write of `kind` is present (its key is in `present`, read
 /// from the healed cluster).
@@ -51,16 +55,18 @@ pub fn refused_writes_are_absent(
     }
 }
 
-/// Invariant (6): after `healed`, some write is acknowledged within `limit`; returns how long
-/// it took (from `healed` to the completion of the first write invoked at or after it).
+/// Invariant (6): after `healed`, some write of `kind` is acknowledged within `limit`;
+/// returns how long it took (from `healed` to the completion of the first write invoked at or
+/// after it).
 pub fn writes_resume_within(
     history: &[Operation],
+    kind: &str,
     healed: Duration,
     limit: Duration,
 ) -> Result<Duration, String> {
     let first = history
         .iter()
-        .filter(|o| o.invoked >= healed && matches!(o.outcome, Outcome::Ok { .. }))
+        .filter(|o| o.kind == kind && o.invoked >= healed && o.outcome.is_ok())
         .map(|o| o.completed)
         .min()
         .ok_or_else(|| "no write was acknowledged after healing".to_owned())?;
@@ -72,4 +78,252 @@ pub fn writes_resume_within(
             "the first write after healing took {took:?} (limit {limit:?})"
         ))
     }
+}
+
+/// Invariant (2): no single-use grant was consumed twice. Returns how many grants were
+/// consumed (once).
+pub fn no_grant_consumed_twice(history: &[Operation]) -> Result<usize, String> {
+    let mut consumed: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in history
+        .iter()
+        .filter(|o| o.kind == "grant.consume" && o.outcome.is_ok())
+    {
+        *consumed.entry(o.key.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = consumed.iter().filter(|(_, n)| **n > 1).collect();
+    if twice.is_empty() {
+        Ok(consumed.len())
+    } else {
+        Err(format!(
+            "single-use grants consumed more than once: {twice:?}"
+        ))
+    }
+}
+
+/// Invariant (3): once the revocation of a delegation was acknowledged, no authorize under it
+/// or under any delegation re-delegated from it was allowed, and no grant issued under them
+/// was accepted, if invoked after that acknowledgement. Returns how many acknowledged
+/// revocations were checked.
+pub fn nothing_issued_or_accepted_after_revocation(
+    history: &[Operation],
+    delegations: &[Delegation],
+) -> Result<usize, String> {
+    // When each delegation was first covered by an acknowledged revocation.
+    let mut revoked_at: HashMap<&str, Duration> = HashMap::new();
+    let mut acknowledged = 0;
+    for o in history
+        .iter()
+        .filter(|o| o.kind == "delegation.revoke" && o.outcome.is_ok())
+    {
+        acknowledged += 1;
+        for d in delegations {
+            if d.id == o.key || d.parent.as_deref() == Some(o.key.as_str()) {
+                let at = revoked_at.entry(d.id.as_str()).or_insert(o.completed);
+                *at = (*at).min(o.completed);
+            }
+        }
+    }
+    let mut late = Vec::new();
+    for o in history.iter().filter(|o| o.outcome.is_ok()) {
+        let delegation = match o.kind {
+            "grant.authorize" => match &o.outcome {
+                Outcome::Ok { value } if value.starts_with(ALLOW) => o.key.as_str(),
+                _ => continue,
+            },
+            "grant.consume" => o.input.as_str(),
+            _ => continue,
+        };
+        if let Some(at) = revoked_at.get(delegation) {
+            if o.invoked > *at {
+                late.push(format!(
+                    "{} {} at {:?}, under {delegation} revoked at {at:?}",
+                    o.kind, o.key, o.invoked
+                ));
+            }
+        }
+    }
+    if late.is_empty() {
+        Ok(acknowledged)
+    } else {
+        Err(format!(
+            "{} grants issued or accepted after their revocation: {:?}",
+            late.len(),
+            &late[..late.len().min(10)]
+        ))
+    }
+}
+
+/// Invariant (4), across nodes: every node's trail (read up to one position) is the same,
+/// in strictly increasing positions, each record chained to the one before it. Returns the
+/// trail's length.
+pub fn audit_trails_identical(trails: &[(usize, Vec<Seen>)]) -> Result<usize, String> {
+    let Some((first_node, reference)) = trails.first() else {
+        return Err("no audit trail was read".into());
+    };
+    for pair in reference.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if (b.log_index, b.sequence) <= (a.log_index, a.sequence) {
+            return Err(format!(
+                "node {first_node}: position {}.{} follows {}.{} (duplicate or out of order)",
+                b.log_index, b.sequence, a.log_index, a.sequence
+            ));
+        }
+        if b.prev_hash != a.hash {
+            return Err(format!(
+                "node {first_node}: record {}.{} does not chain to {}.{} (a gap)",
+                b.log_index, b.sequence, a.log_index, a.sequence
+            ));
+        }
+    }
+    for (node, trail) in &trails[1..] {
+        if trail != reference {
+            let at = trail
+                .iter()
+                .zip(reference)
+                .position(|(x, y)| x != y)
+                .unwrap_or(trail.len().min(reference.len()));
+            return Err(format!(
+                "node {node}'s trail differs from node {first_node}'s at record {at} \
+                 ({} and {} records)",
+                trail.len(),
+                reference.len()
+            ));
+        }
+    }
+    Ok(reference.len())
+}
+
+/// Invariant (4), for subscribers: what each saw is exactly the committed trail from its
+/// start, with no gap, duplicate or reordering.
+pub fn subscribers_saw_the_trail(
+    trail: &[Seen],
+    subscribers: &[(usize, Vec<Seen>)],
+) -> Result<usize, String> {
+    let mut total = 0;
+    for (node, seen) in subscribers {
+        if seen.is_empty() {
+            return Err(format!("the subscriber on node {node} saw nothing"));
+        }
+        let start = trail.iter().position(|r| r == &seen[0]).ok_or_else(|| {
+            format!("the subscriber on node {node} saw a record not in the trail")
+        })?;
+        let committed = &trail[start..];
+        let n = seen.len().min(committed.len());
+        if seen[..n] != committed[..n] {
+            let at = seen
+                .iter()
+                .zip(committed)
+                .position(|(a, b)| a != b)
+                .unwrap_or(n);
+            return Err(format!(
+                "the subscriber on node {node} departs from the trail at its record {at}"
+            ));
+        }
+        if seen.len() > committed.len() {
+            return Err(format!(
+                "the subscriber on node {node} saw {} records beyond the trail read",
+                seen.len() - committed.len()
+            ));
+        }
+        total += seen.len();
+    }
+    Ok(total)
+}
+
+/// The sequential specification of one registry record: absent, or present with a
+/// description.
+pub struct AgentRecord;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentOp {
+    Create,
+    Write(String),
+    Read,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAnswer {
+    Created,
+    AlreadyExists,
+    Written,
+    NotFound,
+    Description(String),
+}
+
+impl Model for AgentRecord {
+    type State = Option<String>;
+    type Input = AgentOp;
+    type Output = AgentAnswer;
+    fn init(&self) -> Option<String> {
+        None
+    }
+    fn step(&self, state: &Option<String>, input: &AgentOp) -> (Option<String>, AgentAnswer) {
+        match (input, state) {
+            (AgentOp::Create, None) => (Some(INITIAL_DESCRIPTION.into()), AgentAnswer::Created),
+            (AgentOp::Create, Some(_)) => (state.clone(), AgentAnswer::AlreadyExists),
+            (AgentOp::Write(v), Some(_)) => (Some(v.clone()), AgentAnswer::Written),
+            (AgentOp::Write(_) | AgentOp::Read, None) => (None, AgentAnswer::NotFound),
+            (AgentOp::Read, Some(v)) => (state.clone(), AgentAnswer::Description(v.clone())),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Invariant (5): the registry's `agent.*` operations, per agent, are linearizable. Returns
+/// how many operations were checked.
+pub fn registry_linearizable(history: &[Operation]) -> Result<usize, String> {
+    let mut calls: BTreeMap<String, Vec<Call<AgentOp, AgentAnswer>>> = BTreeMap::new();
+    for o in history.iter().filter(|o| o.kind.starts_with("agent.")) {
+        let input = match o.kind {
+            "agent.create" => AgentOp::Create,
+            "agent.write" => AgentOp::Write(o.input.clone()),
+            _ => AgentOp::Read,
+        };
+        let answer = match (&input, &o.outcome) {
+            (_, Outcome::Unknown { .. }) => None,
+            (AgentOp::Create, Outcome::Ok { .. }) => Some(AgentAnswer::Created),
+            (AgentOp::Write(_), Outcome::Ok { .. }) => Some(AgentAnswer::Written),
+            (AgentOp::Read, Outcome::Ok { value }) => Some(AgentAnswer::Description(value.clone())),
+            (
+                AgentOp::Create,
+                Outcome::Failed {
+                    code: Code::AlreadyExists,
+                    ..
+                },
+            ) => Some(AgentAnswer::AlreadyExists),
+            (
+                _,
+                Outcome::Failed {
+                    code: Code::NotFound,
+                    ..
+                },
+            ) => Some(AgentAnswer::NotFound),
+            (_, Outcome::Failed { error, .. }) => {
+                return Err(format!(
+                    "{} of {} refused unexpectedly: {error}",
+                    o.kind, o.key
+                ));
+            }
+        };
+        // A read with no answer tells nothing.
+        if answer.is_none() && input == AgentOp::Read {
+            continue;
+        }
+        calls.entry(o.key.clone()).or_default().push(Call {
+            input,
+            invoked: micros(o.invoked),
+            completed: answer.map(|a| (micros(o.completed), a)),
+        });
+    }
+    linearizability::check_partitioned(&AgentRecord, calls).map_err(
+        |(key, verdict)| match verdict {
+            Verdict::Violation { calls } => {
+                format!("the registry history of {key} ({calls} operations) is not linearizable")
+            }
+            other => format!("the registry history of {key} could not be decided: {other:?}"),
+        },
+    )
 }

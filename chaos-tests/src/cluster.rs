@@ -55,15 +55,29 @@ fn try_run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
-/// N nodes, each a container named `<prefix>-<i>` with host name `mandate-<i>`, its client port
-/// published on 127.0.0.1.
+/// Snapshot policy of the test clusters: small, so that snapshots are built and installed
+/// while the workload runs, and a node that falls behind must install one.
+pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 400;
+pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 100;
+/// Ids beyond the initial nodes that have certificates ready (replacements, added nodes).
+pub const SPARE_NODES: usize = 2;
+
+/// N nodes, each a container named `<prefix>-<i>` with host name `mandate-<i>` and a fixed
+/// address on a private network, its client port published on 127.0.0.1.
 pub struct Cluster {
+    /// Initial nodes; ids up to `nodes + SPARE_NODES` may be created later.
     pub nodes: usize,
-    /// Client addresses on the host, one per node (index 0 is node 1).
+    /// The node ids that are members now (voters or learners), in id order.
+    pub members: Vec<usize>,
+    /// Client addresses on the host, one per node id (index 0 is node 1).
     pub addrs: Vec<String>,
     pub token: String,
     pub ca_pem: Vec<u8>,
     ca_file: PathBuf,
+    tls: PathBuf,
+    peers: String,
+    /// The network's first three octets: node N has address `<subnet>.<10 + N>`.
+    subnet: String,
     prefix: String,
     network: String,
     image: String,
@@ -73,7 +87,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// Builds the image, makes throw-away certificates and a KEK, starts `nodes` containers
-    /// (client ports `base_port..`), waits for them and initialises the cluster.
+    /// (client ports `base_port..`), waits for them and initialises the cluster. The private
+    /// network's subnet is derived from `base_port`, so clusters with base ports 100 apart
+    /// never share one.
     pub fn start(name: &str, nodes: usize, base_port: u16) -> Self {
         let mandate = mandate_binary();
         let tag = format!("{name}-{}", std::process::id());
@@ -84,7 +100,9 @@ impl Cluster {
         );
         let dir = tempfile::tempdir().expect("temp dir");
         let tls = dir.path().join("tls");
-        let node_args: Vec<String> = (1..=nodes)
+        let ids = 1..=nodes + SPARE_NODES;
+        let node_args: Vec<String> = ids
+            .clone()
             .map(|i| format!("{i}=mandate-{i},127.0.0.1"))
             .collect();
         let mut init = vec!["tls", "init", "--dir", tls.to_str().expect("utf-8")];
@@ -99,68 +117,110 @@ impl Cluster {
         }
         set_mode(&tls, 0o755);
         let network = format!("mandate-chaos-{tag}");
-        run("docker", &["network", "create", &network]);
+        let subnet = format!("10.77.{}", (base_port / 100) % 256);
+        run(
+            "docker",
+            &[
+                "network",
+                "create",
+                "--subnet",
+                &format!("{subnet}.0/24"),
+                &network,
+            ],
+        );
+        let peers: Vec<String> = (1..=nodes)
+            .map(|i| format!("{i}=mandate-{i}:7500/mandate-{i}:7400"))
+            .collect();
         let mut cluster = Cluster {
             nodes,
-            addrs: (0..nodes)
-                .map(|i| format!("127.0.0.1:{}", usize::from(base_port) + i))
+            members: (1..=nodes).collect(),
+            addrs: ids
+                .map(|i| format!("127.0.0.1:{}", usize::from(base_port) + i - 1))
                 .collect(),
             token: String::new(),
             ca_pem: std::fs::read(tls.join("ca.pem")).expect("ca"),
             ca_file: tls.join("ca.pem"),
+            tls,
+            peers: peers.join(","),
+            subnet,
             prefix: format!("mandate-chaos-{tag}"),
             network,
             image,
             mandate,
             _dir: dir,
         };
-        let peers: Vec<String> = (1..=nodes)
-            .map(|i| format!("{i}=mandate-{i}:7500/mandate-{i}:7400"))
-            .collect();
-        let peers = peers.join(",");
         for i in 1..=nodes {
-            cluster.create(i, &tls, &peers);
+            cluster.create(i, &[]);
         }
         for i in 1..=nodes {
             cluster.wait_alive(i);
         }
-        let init = run(
-            &cluster.mandate,
-            &[
-                "cluster",
-                "init",
-                "--addr",
-                &cluster.addrs[0],
-                "--ca-cert",
-                cluster.ca_file.to_str().expect("utf-8"),
-                "--json",
-            ],
-        );
+        let init = cluster.mandate(&["cluster", "init", "--addr", &cluster.addrs[0], "--json"]);
         let init: serde_json::Value = serde_json::from_str(&init).expect("init json");
         cluster.token = init["root_token"].as_str().expect("root token").to_owned();
         cluster
+    }
+
+    /// Runs the `mandate` CLI against the cluster (CA and operator token given); its stdout.
+    pub fn mandate(&self, args: &[&str]) -> String {
+        let out = self.mandate_output(args);
+        assert!(
+            out.status.success(),
+            "mandate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the `mandate` CLI; its stdout, or its stderr when it fails.
+    pub fn try_mandate(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.mandate_output(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    fn mandate_output(&self, args: &[&str]) -> Output {
+        Command::new(&self.mandate)
+            .args(args)
+            .env("MANDATE_CA_CERT", &self.ca_file)
+            .env("MANDATE_TOKEN", &self.token)
+            .output()
+            .expect("run mandate")
     }
 
     fn container(&self, node: usize) -> String {
         format!("{}-{node}", self.prefix)
     }
 
-    fn create(&self, node: usize, tls: &Path, peers: &str) {
-        let env = [
+    /// The node's address on the private network.
+    pub fn ip(&self, node: usize) -> String {
+        format!("{}.{}", self.subnet, 10 + node)
+    }
+
+    /// Creates and starts node `node`'s container, with `extra` environment.
+    fn create(&self, node: usize, extra: &[String]) {
+        let mut env = vec![
             format!("MANDATE_NODE_ID={node}"),
             format!("MANDATE_CLIENT_ADDR=mandate-{node}:7400"),
             format!("MANDATE_PEER_ADDR=mandate-{node}:7500"),
             "MANDATE_DATA_DIR=/var/lib/mandate".to_owned(),
-            format!("MANDATE_PEERS={peers}"),
+            format!("MANDATE_PEERS={}", self.peers),
             format!("MANDATE_TLS_CERT=/etc/mandate/tls/node-{node}.pem"),
             format!("MANDATE_TLS_KEY=/etc/mandate/tls/node-{node}-key.pem"),
             "MANDATE_TLS_CA=/etc/mandate/tls/ca.pem".to_owned(),
             "MANDATE_KEK_FILE=/etc/mandate/tls/kek".to_owned(),
+            format!("MANDATE_SNAPSHOT_LOGS_SINCE_LAST={SNAPSHOT_LOGS_SINCE_LAST}"),
+            format!("MANDATE_LOGS_KEPT_AFTER_SNAPSHOT={LOGS_KEPT_AFTER_SNAPSHOT}"),
         ];
+        env.extend(extra.iter().cloned());
         let port = format!("127.0.0.1:{}:7400", self.port(node));
-        let volume = format!("{}:/etc/mandate/tls:ro", tls.display());
+        let volume = format!("{}:/etc/mandate/tls:ro", self.tls.display());
         let name = self.container(node);
         let hostname = format!("mandate-{node}");
+        let ip = self.ip(node);
         let mut args = vec![
             "run",
             "-d",
@@ -172,6 +232,8 @@ impl Cluster {
             &self.network,
             "--network-alias",
             &hostname,
+            "--ip",
+            &ip,
             "-p",
             &port,
             "-v",
@@ -235,20 +297,14 @@ impl Cluster {
 
     /// The current leader's node id, asked of every node.
     pub fn leader(&self) -> Option<usize> {
-        self.leader_seen_by(&(1..=self.nodes).collect::<Vec<_>>())
+        self.leader_seen_by(&self.members.clone())
     }
 
     /// The leader's node id as the given nodes see it (leave out a node under a fault: a
     /// paused node accepts connections but never answers).
     pub fn leader_seen_by(&self, nodes: &[usize]) -> Option<usize> {
         let addrs: Vec<&str> = nodes.iter().map(|n| self.addrs[n - 1].as_str()).collect();
-        let out = Command::new(&self.mandate)
-            .args(["cluster", "status", "--json", "--ca-cert"])
-            .arg(&self.ca_file)
-            .env("MANDATE_ADDR", addrs.join(","))
-            .env("MANDATE_TOKEN", &self.token)
-            .output()
-            .ok()?;
+        let out = self.mandate_output(&["cluster", "status", "--json", "--addr", &addrs.join(",")]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         status["leader"]
             .as_u64()
@@ -278,11 +334,247 @@ impl Cluster {
     pub fn unpause(&self, node: usize) {
         run("docker", &["unpause", &self.container(node)]);
     }
+
+    /// The host PID of the node's server (its network namespace is `/proc/PID/ns/net`), or
+    /// `None` while the container is stopped.
+    fn pid(&self, node: usize) -> Option<String> {
+        let out = try_run(
+            "docker",
+            &[
+                "inspect",
+                "--format",
+                "{{.State.Pid}}",
+                &self.container(node),
+            ],
+        );
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && pid != "0" && !pid.is_empty()).then_some(pid)
+    }
+
+    /// Runs `program args` inside node `node`'s network namespace, from the host (the image
+    /// has no tools; the host's iptables and tc act on the namespace). A stopped node has no
+    /// namespace: nothing to do.
+    fn in_netns(&self, node: usize, program: &str, args: &[&str]) {
+        if let Some(pid) = self.pid(node) {
+            let mut full = vec!["--target", pid.as_str(), "--net", program];
+            full.extend(args);
+            run("nsenter", &full);
+        }
+    }
+
+    /// Cuts the network between every node of `a` and every node of `b`, both ways (packets
+    /// are dropped, as on a real partition; clients on the host still reach every node).
+    pub fn cut(&self, a: &[usize], b: &[usize]) {
+        for &x in a {
+            for &y in b {
+                for (from, to) in [(x, y), (y, x)] {
+                    let peer = self.ip(to);
+                    self.in_netns(
+                        from,
+                        "iptables",
+                        &["-w", "-A", "INPUT", "-s", &peer, "-j", "DROP"],
+                    );
+                    self.in_netns(
+                        from,
+                        "iptables",
+                        &["-w", "-A", "OUTPUT", "-d", &peer, "-j", "DROP"],
+                    );
+                }
+            }
+        }
+    }
+
+    /// Splits the members into `groups`: nodes in different groups cannot reach each other.
+    pub fn partition(&self, groups: &[Vec<usize>]) {
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                self.cut(a, b);
+            }
+        }
+    }
+
+    /// Removes every cut.
+    pub fn heal_network(&self) {
+        for node in 1..=self.nodes + SPARE_NODES {
+            if self.exists(node) {
+                self.in_netns(node, "iptables", &["-w", "-F", "INPUT"]);
+                self.in_netns(node, "iptables", &["-w", "-F", "OUTPUT"]);
+            }
+        }
+    }
+
+    /// A lossy, slow link for node `node`: `loss` of its incoming packets dropped at random
+    /// (iptables `statistic`) and its outgoing traffic shaped to `rate` (a `tbf` qdisc, e.g.
+    /// `2mbit`), which queues and so delays it. This kernel has no `sch_netem`
+    /// (CONFIG_NET_SCH_NETEM is off), so `tc netem` cannot be used here; these two are its
+    /// loss and delay.
+    pub fn degrade(&self, node: usize, loss: f64, rate: &str) {
+        let probability = format!("{loss}");
+        self.in_netns(
+            node,
+            "iptables",
+            &[
+                "-w",
+                "-A",
+                "INPUT",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+                "-j",
+                "DROP",
+            ],
+        );
+        self.in_netns(
+            node,
+            "tc",
+            &[
+                "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+                "latency", "400ms",
+            ],
+        );
+    }
+
+    /// Removes node `node`'s shaping (its drop rules go with [`Cluster::heal_network`]).
+    pub fn clear_shaping(&self, node: usize) {
+        if let Some(pid) = self.pid(node) {
+            // Fails when there is no qdisc to remove: nothing to do then.
+            let _ = try_run(
+                "nsenter",
+                &[
+                    "--target", &pid, "--net", "tc", "qdisc", "del", "dev", "eth0", "root",
+                ],
+            );
+        }
+    }
+
+    fn exists(&self, node: usize) -> bool {
+        try_run("docker", &["inspect", &self.container(node)])
+            .status
+            .success()
+    }
+
+    /// SIGKILL of every member, then all start again at once on their data.
+    pub fn kill_all(&self) {
+        for &node in &self.members {
+            self.kill(node);
+        }
+    }
+
+    /// Starts every member again.
+    pub fn restart_all(&self) {
+        for &node in &self.members {
+            self.restart(node);
+        }
+    }
+
+    /// Adds a new node (the next unused id) as a learner that joins through node `via`, waits
+    /// until it is alive, and promotes it to voter. Returns its id.
+    pub fn add_node(&mut self, via: usize) -> usize {
+        let node = (1..=self.nodes + SPARE_NODES)
+            .find(|n| !self.exists(*n))
+            .expect("a spare node id (SPARE_NODES)");
+        self.create(
+            node,
+            &[
+                format!("MANDATE_JOIN=mandate-{via}:7400"),
+                format!("MANDATE_JOIN_TOKEN={}", self.token),
+            ],
+        );
+        self.wait_alive(node);
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        let id = node.to_string();
+        loop {
+            let out =
+                self.mandate_output(&["cluster", "promote", &id, "--addr", &self.addrs.join(",")]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} was never promoted: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs(node)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.members.push(node);
+        node
+    }
+
+    /// Removes node `node` from the membership (through the others) and destroys its
+    /// container and data.
+    pub fn remove_node(&mut self, node: usize) {
+        let others: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|n| **n != node)
+            .map(|n| self.addrs[n - 1].as_str())
+            .collect();
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        let id = node.to_string();
+        loop {
+            let out = self.mandate_output(&["cluster", "remove", &id, "--addr", &others.join(",")]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} could not be removed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.members.retain(|n| *n != node);
+        run("docker", &["rm", "-f", "-v", &self.container(node)]);
+    }
+
+    /// Each member's (applied index, last log index) as it reports them, for members that
+    /// answer.
+    pub fn progress(&self) -> Vec<(usize, u64)> {
+        self.members
+            .iter()
+            .filter_map(|&n| {
+                let out = self.mandate_output(&[
+                    "cluster",
+                    "status",
+                    "--json",
+                    "--addr",
+                    &self.addrs[n - 1],
+                ]);
+                let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                let me = status["members"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["id"].as_u64() == u64::try_from(n).ok())?;
+                Some((n, me["applied_index"].as_u64()?))
+            })
+            .collect()
+    }
+
+    /// Waits until every member has applied at least `index`.
+    pub fn wait_applied(&self, index: u64, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            let progress = self.progress();
+            if progress.len() == self.members.len() && progress.iter().all(|(_, a)| *a >= index) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "members did not apply index {index} within {limit:?}: {progress:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in 1..=self.nodes {
+        for node in 1..=self.nodes + SPARE_NODES {
             let _ = try_run("docker", &["rm", "-f", "-v", &self.container(node)]);
         }
         let _ = try_run("docker", &["network", "rm", &self.network]);

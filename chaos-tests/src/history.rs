@@ -3,13 +3,15 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use mandate_client::Code;
+
 /// How an operation ended, as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The cluster acknowledged it; `value` is what it answered (an id, a count).
     Ok { value: String },
     /// The cluster refused it: it did not happen.
-    Failed { error: String },
+    Failed { code: Code, error: String },
     /// No answer (timeout, connection lost, "outcome unknown"): it may or may not have happened.
     Unknown { error: String },
 }
@@ -20,8 +22,10 @@ pub struct Operation {
     pub client: usize,
     /// `register`, `consume`, ...
     pub kind: &'static str,
-    /// The operation's argument (the agent name registered, the grant consumed, ...).
+    /// What the operation acts on (the agent name registered, the grant consumed, ...).
     pub key: String,
+    /// Its argument beyond the key (the value written, the delegation a grant is under, ...).
+    pub input: String,
     /// The address the client first sent it to.
     pub node: String,
     pub invoked: Duration,
@@ -57,10 +61,71 @@ impl History {
             .push(operation);
     }
 
+    /// Runs `call` and records it.
+    pub async fn observe<F>(
+        &self,
+        client: usize,
+        kind: &'static str,
+        key: String,
+        input: String,
+        node: String,
+        call: F,
+    ) -> Outcome
+    where
+        F: std::future::Future<Output = Result<String, mandate_client::ClientError>>,
+    {
+        let invoked = self.now();
+        let outcome = Outcome::of(call.await);
+        self.record(Operation {
+            client,
+            kind,
+            key,
+            input,
+            node,
+            invoked,
+            completed: self.now(),
+            outcome: outcome.clone(),
+        });
+        outcome
+    }
+
     pub fn operations(&self) -> Vec<Operation> {
         self.operations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+impl Outcome {
+    /// Classifies a client result: refusals the cluster decided are `Failed` (the write did
+    /// not happen); no answer, "outcome unknown" or no leader is `Unknown`.
+    pub fn of(result: Result<String, mandate_client::ClientError>) -> Outcome {
+        match result {
+            Ok(value) => Outcome::Ok { value },
+            Err(e @ mandate_client::ClientError::Status { .. })
+                if matches!(
+                    e.code(),
+                    Code::InvalidArgument
+                        | Code::AlreadyExists
+                        | Code::NotFound
+                        | Code::PermissionDenied
+                        | Code::Unauthenticated
+                        | Code::FailedPrecondition
+                ) =>
+            {
+                Outcome::Failed {
+                    code: e.code(),
+                    error: e.to_string(),
+                }
+            }
+            Err(e) => Outcome::Unknown {
+                error: e.to_string(),
+            },
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok { .. })
     }
 }

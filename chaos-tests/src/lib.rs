@@ -11,4 +11,6 @@
 pub mod check;
 pub mod cluster;
 pub mod history;
+pub mod linearizability;
+pub mod scenario;
 pub mod workload;

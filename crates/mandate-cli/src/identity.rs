@@ -2,29 +2,16 @@
 //! durations such as `1h`.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use ed25519_dalek::{SigningKey, VerifyingKey};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ed25519_dalek::SigningKey;
 use mandate_client::{pb, Client};
-use serde_json::json;
 
 use crate::Failure;
 
-/// Lifetime of the client assertions the CLI signs.
-pub const ASSERTION_LIFETIME_S: u64 = 30;
 /// `iss` and `aud` of the development user-token issuer.
 pub const DEV_ISSUER: &str = "mandate-dev";
 pub const DEV_AUDIENCE: &str = "mandate";
-
-pub fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// Parses `90s`, `15m`, `1h`, `7d` (or plain seconds).
 pub fn parse_duration(text: &str) -> Result<u64, Failure> {
@@ -85,23 +72,12 @@ pub fn write_new_signing_key(path: &Path) -> Result<SigningKey, Failure> {
     Ok(signing)
 }
 
-/// The public JWK of a key, with its RFC 7638 thumbprint as `kid`.
-pub fn public_jwk(key: &VerifyingKey) -> pb::Jwk {
-    let x = URL_SAFE_NO_PAD.encode(key.as_bytes());
-    pb::Jwk {
-        kid: mandate_core::validate::jwk_thumbprint(&x),
-        kty: "OKP".into(),
-        crv: "Ed25519".into(),
-        x,
-    }
-}
+pub use mandate_client::credentials::{jwks_of, public_jwk};
 
-fn sign(key: &SigningKey, claims: &serde_json::Value) -> Result<String, Failure> {
-    let der = key.to_pkcs8_der().map_err(|e| Failure(e.to_string()))?;
-    let mut header = Header::new(Algorithm::EdDSA);
-    header.kid = Some(public_jwk(&key.verifying_key()).kid);
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(der.as_bytes()))
-        .map_err(|e| Failure(e.to_string()))
+impl From<mandate_client::credentials::SignError> for Failure {
+    fn from(e: mandate_client::credentials::SignError) -> Self {
+        Failure(e.to_string())
+    }
 }
 
 /// An agent's client assertion for the cluster `cluster_id`.
@@ -110,18 +86,9 @@ pub fn agent_assertion(
     key: &SigningKey,
     cluster_id: &str,
 ) -> Result<String, Failure> {
-    let now = now_s();
-    sign(
-        key,
-        &json!({
-            "iss": agent_id,
-            "sub": agent_id,
-            "aud": cluster_id,
-            "iat": now,
-            "exp": now + ASSERTION_LIFETIME_S,
-            "jti": hex::encode(rand::random::<[u8; 16]>()),
-        }),
-    )
+    Ok(mandate_client::credentials::agent_assertion(
+        agent_id, key, cluster_id,
+    )?)
 }
 
 /// A user token signed by an issuer's key.
@@ -132,22 +99,14 @@ pub fn user_token(
     user: &str,
     ttl_s: u64,
 ) -> Result<String, Failure> {
-    let now = now_s();
-    sign(
-        issuer_key,
-        &json!({ "iss": issuer, "aud": audience, "sub": user, "iat": now, "exp": now + ttl_s }),
-    )
+    Ok(mandate_client::credentials::user_token(
+        issuer_key, issuer, audience, user, ttl_s,
+    )?)
 }
 
 /// A user token from the development issuer.
 pub fn dev_user_token(issuer_key: &SigningKey, user: &str, ttl_s: u64) -> Result<String, Failure> {
     user_token(issuer_key, DEV_ISSUER, DEV_AUDIENCE, user, ttl_s)
-}
-
-/// The JWKS publishing one Ed25519 key.
-pub fn jwks_of(key: &SigningKey) -> String {
-    let jwk = public_jwk(&key.verifying_key());
-    json!({ "keys": [{ "kty": "OKP", "crv": "Ed25519", "x": jwk.x, "kid": jwk.kid, "alg": "EdDSA", "use": "sig" }] }).to_string()
 }
 
 /// The cluster id (the audience of agent assertions), from the public JWKS endpoint.

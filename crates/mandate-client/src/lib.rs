@@ -20,6 +20,9 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+#[cfg(feature = "credentials")]
+pub mod credentials;
+
 pub use mandate_proto::v1 as pb;
 pub use tonic::{Code, Streaming};
 

@@ -308,6 +308,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         self.engine = mandate_core::policy::Engine::default();
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            entries = entries.len(),
+            "installed a snapshot from the leader"
+        );
         Ok(())
     }
 
@@ -359,6 +364,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.snapshots.store(&bytes).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
