@@ -69,6 +69,8 @@ pub struct Cluster {
     pub nodes: usize,
     /// The node ids that are members now (voters or learners), in id order.
     pub members: Vec<usize>,
+    /// The highest node id created so far.
+    created: usize,
     /// Client addresses on the host, one per node id (index 0 is node 1).
     pub addrs: Vec<String>,
     pub token: String,
@@ -134,6 +136,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes,
             members: (1..=nodes).collect(),
+            created: nodes,
             addrs: ids
                 .map(|i| format!("127.0.0.1:{}", usize::from(base_port) + i - 1))
                 .collect(),
@@ -473,9 +476,20 @@ impl Cluster {
     /// Adds a new node (the next unused id) as a learner that joins through node `via`, waits
     /// until it is alive, and promotes it to voter. Returns its id.
     pub fn add_node(&mut self, via: usize) -> usize {
-        let node = (1..=self.nodes + SPARE_NODES)
-            .find(|n| !self.exists(*n))
-            .expect("a spare node id (SPARE_NODES)");
+        // Ids are never reused (docs/operations.md): the next one after every id created.
+        let node = self
+            .members
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(self.created)
+            + 1;
+        assert!(
+            node <= self.nodes + SPARE_NODES,
+            "no spare node id left (SPARE_NODES)"
+        );
+        self.created = node;
         self.create(
             node,
             &[

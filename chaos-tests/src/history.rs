@@ -5,6 +5,9 @@ use std::time::{Duration, Instant};
 
 use mandate_client::Code;
 
+/// How long a client waits before its next operation after no node could take one.
+pub const UNAVAILABLE_BACKOFF: Duration = Duration::from_millis(50);
+
 /// How an operation ended, as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -86,6 +89,16 @@ impl History {
             completed: self.now(),
             outcome: outcome.clone(),
         });
+        if matches!(
+            outcome,
+            Outcome::Failed {
+                code: Code::Unavailable,
+                ..
+            }
+        ) {
+            // Every node refused or was down: give the cluster a moment rather than spin.
+            tokio::time::sleep(UNAVAILABLE_BACKOFF).await;
+        }
         outcome
     }
 
@@ -98,8 +111,9 @@ impl History {
 }
 
 impl Outcome {
-    /// Classifies a client result: refusals the cluster decided are `Failed` (the write did
-    /// not happen); no answer, "outcome unknown" or no leader is `Unknown`.
+    /// Classifies a client result: refusals the cluster decided, and requests no node could
+    /// take, are `Failed` (the write did not happen); no answer or "outcome unknown" is
+    /// `Unknown`.
     pub fn of(result: Result<String, mandate_client::ClientError>) -> Outcome {
         match result {
             Ok(value) => Outcome::Ok { value },
@@ -119,6 +133,11 @@ impl Outcome {
                     error: e.to_string(),
                 }
             }
+            // The request reached no node that could act on it.
+            Err(e @ mandate_client::ClientError::Unavailable(_)) => Outcome::Failed {
+                code: Code::Unavailable,
+                error: e.to_string(),
+            },
             Err(e) => Outcome::Unknown {
                 error: e.to_string(),
             },

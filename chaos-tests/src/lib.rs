@@ -13,4 +13,5 @@ pub mod cluster;
 pub mod history;
 pub mod linearizability;
 pub mod scenario;
+pub mod sim;
 pub mod workload;

@@ -206,10 +206,29 @@ impl Client {
         }
     }
 
-    fn is_failover(status: &Status) -> bool {
-        // Unavailable: the node is down or cannot reach a quorum. Cancelled/DeadlineExceeded
-        // with no answer come from a dead connection.
-        matches!(status.code(), Code::Unavailable | Code::Cancelled)
+    /// Whether a failed call certainly never reached the node: the connection (TCP, or the
+    /// TLS handshake) could not be made, so the request was never sent.
+    fn never_sent(status: &Status) -> bool {
+        let mut source = std::error::Error::source(status);
+        while let Some(e) = source {
+            let text = e.to_string();
+            if text.contains("tcp connect error")
+                || text.contains("error trying to connect")
+                || text.contains("Connection refused")
+                || text.contains("dns error")
+                || text.contains("invalid peer certificate")
+            {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+
+    /// Whether the status was made by this side's transport (the connection failed or broke),
+    /// not sent by a node.
+    fn from_transport(status: &Status) -> bool {
+        std::error::Error::source(status).is_some()
     }
 
     async fn with_failover<C, T, F, Fut>(
@@ -244,28 +263,46 @@ impl Client {
                     field: None,
                 });
             };
-            match answer {
+            let status = match answer {
                 Ok(response) => {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok(response.into_inner());
                 }
-                Err(status) if Self::is_failover(&status) => {
-                    // A plaintext client that a TLS node hangs up on sees a cancelled call.
-                    let hint = if !self.tls && status.code() == Code::Cancelled {
-                        self.tls_hint()
-                    } else {
-                        ""
-                    };
+                Err(status) => status,
+            };
+            // A TLS client and a plaintext node (or the reverse) fail below gRPC.
+            let hint =
+                if Self::is_transport(&status) || (!self.tls && status.code() == Code::Cancelled) {
+                    self.tls_hint()
+                } else {
+                    ""
+                };
+            if Self::from_transport(&status) || status.code() == Code::Cancelled {
+                if Self::never_sent(&status) {
+                    // Nothing reached the node: the next one may serve it.
                     last = format!("{}: {}{hint}", self.addrs[i], status.message());
+                    continue;
                 }
-                Err(status) if Self::is_transport(&status) => {
-                    last = format!("{}: {}{}", self.addrs[i], status.message(), self.tls_hint());
-                }
-                Err(status) => {
-                    self.current.store(i, Ordering::Relaxed);
-                    return Err(ClientError::from_status(&status));
-                }
+                // The connection broke with the request on it: it may have been applied, and
+                // sending it again could apply it twice.
+                return Err(ClientError::Status {
+                    code: Code::Unknown,
+                    message: format!(
+                        "the connection to {} failed during the call; the outcome is unknown: {}{hint}",
+                        self.addrs[i],
+                        status.message()
+                    ),
+                    field: None,
+                });
             }
+            if status.code() == Code::Unavailable {
+                // The node answered that it cannot serve the request (no leader, no quorum,
+                // shutting down) and did nothing with it.
+                last = format!("{}: {}", self.addrs[i], status.message());
+                continue;
+            }
+            self.current.store(i, Ordering::Relaxed);
+            return Err(ClientError::from_status(&status));
         }
         Err(ClientError::Unavailable(last))
     }
@@ -369,6 +406,67 @@ mod tests {
     fn address_lists_split_on_commas_and_ignore_blanks() {
         assert_eq!(parse_addrs("a:1, b:2,,c:3 "), vec!["a:1", "b:2", "c:3"]);
         assert!(parse_addrs(" ").is_empty());
+    }
+
+    async fn get_agent(client: &Client) -> Result<pb::AgentResponse, ClientError> {
+        client
+            .registry(|mut c| async move {
+                c.get(pb::GetAgentRequest {
+                    id_or_name: "a".into(),
+                    read: None,
+                })
+                .await
+            })
+            .await
+    }
+
+    /// An address nothing listens on.
+    fn closed_port() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        addr
+    }
+
+    #[tokio::test]
+    async fn nodes_that_refuse_connections_are_passed_over_and_reported_unavailable() {
+        let client = Client::new(&[closed_port(), closed_port()], None).expect("client");
+        let err = get_agent(&client).await.expect_err("nothing listens");
+        assert!(
+            matches!(err, ClientError::Unavailable(_)),
+            "a request that reached no node is safe to report as not done: {err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_breaks_during_a_call_is_not_retried_elsewhere() {
+        // A "node" that takes the request and drops the connection without answering.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let broken = listener.local_addr().expect("addr").to_string();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+                drop(socket);
+            }
+        });
+        // The second node would answer "unavailable" if asked; it must not be asked.
+        let second = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let second_addr = second.local_addr().expect("addr").to_string();
+        let client = Client::new(&[broken, second_addr], None).expect("client");
+        let err = get_agent(&client).await.expect_err("no answer");
+        assert_eq!(err.code(), Code::Unknown, "{err:?}");
+        assert!(err.to_string().contains("outcome is unknown"), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let asked = tokio::time::timeout(Duration::from_millis(200), second.accept()).await;
+        assert!(asked.is_err(), "the request was sent to a second node");
     }
 
     #[test]

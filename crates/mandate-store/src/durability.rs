@@ -31,6 +31,20 @@ pub struct Syncer {
 struct Inner {
     tx: Option<mpsc::Sender<Waiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Inline mode: the database and its file, synced on the caller's thread.
+    inline: Option<(sled::Db, File)>,
+}
+
+/// How a node's writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// A dedicated thread flushes and fsyncs, sharing one sync among every write that
+    /// arrives meanwhile (group commit). What servers run.
+    #[default]
+    GroupCommit,
+    /// Each sync runs at once on the calling thread, so no other thread ever wakes a task:
+    /// what the deterministic simulation needs (one thread runs every node).
+    Inline,
 }
 
 impl Drop for Inner {
@@ -45,9 +59,18 @@ impl Drop for Inner {
 }
 
 impl Syncer {
-    pub fn start(db: sled::Db, db_dir: &Path) -> Result<Self, OpenError> {
+    pub fn start(db: sled::Db, db_dir: &Path, mode: SyncMode) -> Result<Self, OpenError> {
         let db_file_path = db_dir.join("db");
         let db_file = File::open(&db_file_path).map_err(|e| OpenError::io(&db_file_path, e))?;
+        if mode == SyncMode::Inline {
+            return Ok(Syncer {
+                inner: Arc::new(Inner {
+                    tx: None,
+                    thread: None,
+                    inline: Some((db, db_file)),
+                }),
+            });
+        }
         let (tx, rx) = mpsc::channel::<Waiter>();
         let thread = std::thread::Builder::new()
             .name("mandate-fsync".into())
@@ -57,12 +80,17 @@ impl Syncer {
             inner: Arc::new(Inner {
                 tx: Some(tx),
                 thread: Some(thread),
+                inline: None,
             }),
         })
     }
 
     /// Calls `done` once everything written before this call is durable.
     pub fn after_sync(&self, done: impl FnOnce(io::Result<()>) + Send + 'static) {
+        if let Some((db, file)) = &self.inner.inline {
+            done(sync_now(db, file));
+            return;
+        }
         let waiter: Waiter = Box::new(done);
         let unsent = match &self.inner.tx {
             Some(tx) => tx.send(waiter).err().map(|mpsc::SendError(w)| w),
@@ -88,14 +116,7 @@ fn run(db: sled::Db, db_file: File, rx: mpsc::Receiver<Waiter>) {
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         waiters.extend(rx.try_iter());
-        let result = db
-            .flush()
-            .map(|_| ())
-            .map_err(io::Error::other)
-            .and_then(|()| db_file.sync_all());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "making the raft log durable failed");
-        }
+        let result = sync_now(&db, &db_file);
         for waiter in waiters {
             let shared = match &result {
                 Ok(()) => Ok(()),
@@ -104,4 +125,17 @@ fn run(db: sled::Db, db_file: File, rx: mpsc::Receiver<Waiter>) {
             waiter(shared);
         }
     }
+}
+
+/// Flushes sled's buffers and fsyncs the database file.
+fn sync_now(db: &sled::Db, db_file: &File) -> io::Result<()> {
+    let result = db
+        .flush()
+        .map(|_| ())
+        .map_err(io::Error::other)
+        .and_then(|()| db_file.sync_all());
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "making the raft log durable failed");
+    }
+    result
 }

@@ -24,6 +24,7 @@ pub mod types;
 
 use std::path::Path;
 
+pub use durability::SyncMode;
 pub use error::OpenError;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StateView};
@@ -31,14 +32,24 @@ pub use types::{Batch, BatchOutcome, Member, NodeId, TypeConfig};
 
 /// Opens (or creates) the storage of one node under `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
+    open_with(dir, SyncMode::GroupCommit)
+}
+
+/// Opens the storage of one node, making writes durable as `mode` says.
+pub fn open_with(dir: &Path, mode: SyncMode) -> Result<(LogStore, StateMachine), OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::io(dir, e))?;
     let db_dir = dir.join("db");
-    let db = sled::Config::new()
+    let mut config = sled::Config::new()
         .path(&db_dir)
-        .segment_size(durability::SEGMENT_BYTES)
+        .segment_size(durability::SEGMENT_BYTES);
+    if mode == SyncMode::Inline {
+        // No background flusher either: every flush is one the node asked for.
+        config = config.flush_every_ms(None);
+    }
+    let db = config
         .open()
         .map_err(|e| OpenError::Sled(db_dir.display().to_string(), e))?;
-    let syncer = durability::Syncer::start(db.clone(), &db_dir)?;
+    let syncer = durability::Syncer::start(db.clone(), &db_dir, mode)?;
     let log = LogStore::open(&db, syncer.clone())?;
     let sm = StateMachine::open(&db, syncer, &dir.join("snapshots"))?;
     Ok((log, sm))
