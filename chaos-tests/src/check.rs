@@ -36,6 +36,36 @@ pub fn acknowledged_writes_are_present(
     }
 }
 
+/// Invariant 1 for writes whose key the cluster chose: the value (the new object's id) of
+/// every acknowledged operation of `kind` is in `present`.
+pub fn acknowledged_ids_are_present(
+    history: &[Operation],
+    kind: &str,
+    present: &BTreeSet<String>,
+) -> Result<usize, String> {
+    let acknowledged: Vec<&str> = history
+        .iter()
+        .filter(|o| o.kind == kind)
+        .filter_map(|o| match &o.outcome {
+            Outcome::Ok { value } => Some(value.as_str()),
+            _ => None,
+        })
+        .collect();
+    let lost: Vec<&&str> = acknowledged
+        .iter()
+        .filter(|id| !present.contains(**id))
+        .collect();
+    if lost.is_empty() {
+        Ok(acknowledged.len())
+    } else {
+        Err(format!(
+            "{} acknowledged {kind} writes are missing after healing: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        ))
+    }
+}
+
 /// A refused write left nothing behind: no key of a `Failed` operation is present.
 pub fn refused_writes_are_absent(
     history: &[Operation],

@@ -147,6 +147,8 @@ pub struct Run {
     grants: Arc<Grants>,
     prefix: String,
     heals: Vec<Duration>,
+    /// How long each election after a fault that took the leader away took.
+    elections: Vec<Duration>,
     faults: Vec<String>,
     violations: Vec<String>,
     rng: StdRng,
@@ -183,6 +185,7 @@ impl Run {
             grants,
             prefix: format!("chaos-{name}"),
             heals: Vec::new(),
+            elections: Vec::new(),
             faults: Vec::new(),
             violations: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -257,6 +260,13 @@ impl Run {
             );
             self.workers.push(self.rt.spawn(w));
         }
+        let delegator = workload::delegate_until(
+            self.client_from(1),
+            300,
+            self.grants.clone(),
+            shared.clone(),
+        );
+        self.workers.push(self.rt.spawn(delegator));
         let revoker = workload::revoke_until(
             self.client_from(0),
             self.grants.clone(),
@@ -366,12 +376,25 @@ impl Run {
         let start = Instant::now();
         while start.elapsed() < ELECTION_LIMIT {
             match self.cluster.leader_seen_by(&others) {
-                Some(l) if l != old => return,
+                Some(l) if l != old => {
+                    self.elections.push(start.elapsed());
+                    return;
+                }
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
         }
+        let seen: Vec<String> = others
+            .iter()
+            .map(|n| {
+                let addr = &self.cluster.addrs[n - 1];
+                let status = self
+                    .cluster
+                    .try_mandate(&["cluster", "status", "--json", "--addr", addr]);
+                format!("node {n}: {status:?}")
+            })
+            .collect();
         self.violations.push(format!(
-            "{fault:?}: no new leader within {ELECTION_LIMIT:?} of the fault"
+            "{fault:?} of node {old}: no new leader within {ELECTION_LIMIT:?}; {seen:?}"
         ));
     }
 
@@ -404,10 +427,17 @@ impl Run {
     }
 
     /// `rounds` faults drawn with the scenario's seed, each held for a random time in the
-    /// profile's range, with a phase of workload between them.
+    /// profile's range, with a phase of workload between them. Faults are dealt from a
+    /// shuffled deck of `faults`, reshuffled when it runs out, so that a mix covers them all
+    /// before any comes twice.
     pub fn random_mix(&mut self, faults: &[Fault], rounds: usize) {
+        let mut deck: Vec<Fault> = Vec::new();
         for _ in 0..rounds {
-            let fault = *faults.choose(&mut self.rng).expect("some faults");
+            if deck.is_empty() {
+                deck = faults.to_vec();
+                deck.shuffle(&mut self.rng);
+            }
+            let fault = deck.pop().expect("some faults");
             let (lo, hi) = self.profile.hold;
             let hold = self.rng.gen_range(lo..=hi);
             self.fault(fault, hold);
@@ -458,6 +488,15 @@ impl Run {
             Ok(found) => checks.push(format!("{name}: {found}")),
             Err(e) => violations.push(format!("{name}: {e}")),
         };
+        if let Some(slowest) = self.elections.iter().max() {
+            record(
+                "(6) new leaders elected",
+                Ok(format!(
+                    "{} elections, slowest {slowest:?}",
+                    self.elections.len()
+                )),
+            );
+        }
         let converged = self.converge();
         record("(6) converged", converged.map(|d| format!("in {d:?}")));
         for healed in self.heals.clone() {
@@ -489,6 +528,25 @@ impl Run {
                 check::refused_writes_are_absent(&ops, "register", &present)
                     .map(|()| format!("on node {node}")),
             );
+        }
+        let (agent, sub_agent) = (
+            self.grants.principals[0].id.clone(),
+            self.grants.principals[self.grants.principals.len() / 2]
+                .id
+                .clone(),
+        );
+        for node in self.cluster.members.clone() {
+            let client = self.cluster.client_of(&self.cluster.addrs[node - 1..node]);
+            for (kind, to) in [("delegate", &agent), ("redelegate", &sub_agent)] {
+                let present = self.rt.block_on(workload::delegation_ids(&client, to));
+                record(
+                    "(1) acknowledged delegations present",
+                    present
+                        .map_err(|e| format!("node {node}: {e}"))
+                        .and_then(|p| check::acknowledged_ids_are_present(&ops, kind, &p))
+                        .map(|n| format!("{n} {kind} on node {node}")),
+                );
+            }
         }
         record(
             "(2) single use",

@@ -390,6 +390,76 @@ fn delegation_id(response: pb::DelegationResponse) -> String {
     response.delegation.map(|d| d.id).unwrap_or_default()
 }
 
+/// One user-side client creating delegations to the first agent until stopped, each
+/// re-delegated by that agent to its sub-agent (`delegate`, `redelegate`: the value of an
+/// acknowledged one is the new delegation's id).
+pub async fn delegate_until(client: Arc<Client>, id: usize, grants: Arc<Grants>, shared: Shared) {
+    let (agent, sub_agent) = (0, grants.principals.len() / 2);
+    while shared.running() {
+        let root = pb::CreateDelegationRequest {
+            user_token: grants.user_token.clone(),
+            agent: grants.principals[agent].id.clone(),
+            actions: vec!["read".into()],
+            resources: vec![format!("{RESOURCE_ROOT}/*")],
+            purpose: "chaos, delegated under faults".into(),
+            ttl_seconds: 3600,
+            may_redelegate: true,
+            max_depth: 1,
+            ..Default::default()
+        };
+        let call = client.authz(|mut c| {
+            let r = root.clone();
+            async move { c.create_delegation(r).await }
+        });
+        let node = client.current_addr().to_owned();
+        let outcome = shared
+            .history
+            .observe(id, "delegate", String::new(), String::new(), node, async {
+                call.await.map(delegation_id)
+            })
+            .await;
+        let Outcome::Ok { value: parent } = outcome else {
+            continue;
+        };
+        let sub = pb::CreateDelegationRequest {
+            agent_assertion: grants.assertion(agent),
+            parent_id: parent.clone(),
+            agent: grants.principals[sub_agent].id.clone(),
+            actions: vec!["read".into()],
+            resources: vec![format!("{RESOURCE_ROOT}/*")],
+            purpose: "chaos, re-delegated under faults".into(),
+            ttl_seconds: 1800,
+            ..Default::default()
+        };
+        let call = client.authz(|mut c| {
+            let r = sub.clone();
+            async move { c.create_delegation(r).await }
+        });
+        let node = client.current_addr().to_owned();
+        shared
+            .history
+            .observe(id, "redelegate", parent, String::new(), node, async {
+                call.await.map(delegation_id)
+            })
+            .await;
+    }
+}
+
+/// The ids of the delegations to agent `agent`, as the node(s) `client` talks to hold them.
+pub async fn delegation_ids(client: &Client, agent: &str) -> Result<BTreeSet<String>, ClientError> {
+    let request = pb::ListDelegationsRequest {
+        agent: agent.to_owned(),
+        ..Default::default()
+    };
+    let list = client
+        .authz(|mut c| {
+            let r = request.clone();
+            async move { c.list_delegations(r).await }
+        })
+        .await?;
+    Ok(list.delegations.into_iter().map(|d| d.id).collect())
+}
+
 /// The value an `grant.authorize` records on allow: `allow:<grant id>`.
 pub const ALLOW: &str = "allow:";
 
