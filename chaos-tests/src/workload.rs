@@ -66,24 +66,29 @@ pub async fn register_until(client: Arc<Client>, id: usize, prefix: String, shar
     let mut n = 0u64;
     while shared.running() {
         n += 1;
-        let name = format!("{prefix}-{id}-{n}");
-        let request = pb::RegisterAgentRequest {
-            name: name.clone(),
-            owner: "chaos".into(),
-            ..Default::default()
-        };
-        let call = client.registry(|mut c| {
-            let r = request.clone();
-            async move { c.register(r).await }
-        });
-        let node = client.current_addr().to_owned();
-        shared
-            .history
-            .observe(id, "register", name, String::new(), node, async {
-                call.await.map(agent_id)
-            })
-            .await;
+        register_once(&client, id, format!("{prefix}-{id}-{n}"), &shared).await;
     }
+}
+
+/// Registers agent `name`, recorded as a `register`; whether it was acknowledged.
+pub async fn register_once(client: &Client, id: usize, name: String, shared: &Shared) -> bool {
+    let request = pb::RegisterAgentRequest {
+        name: name.clone(),
+        owner: "chaos".into(),
+        ..Default::default()
+    };
+    let call = client.registry(|mut c| {
+        let r = request.clone();
+        async move { c.register(r).await }
+    });
+    let node = client.current_addr().to_owned();
+    let outcome = shared
+        .history
+        .observe(id, "register", name, String::new(), node, async {
+            call.await.map(agent_id)
+        })
+        .await;
+    outcome.is_ok()
 }
 
 /// One client creating, writing and reading the description of the agents in `keys`, through
