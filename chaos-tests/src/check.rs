@@ -16,24 +16,7 @@ pub fn acknowledged_writes_are_present(
     kind: &str,
     present: &BTreeSet<String>,
 ) -> Result<usize, String> {
-    let acknowledged: Vec<&Operation> = history
-        .iter()
-        .filter(|o| o.kind == kind && matches!(o.outcome, Outcome::Ok { .. }))
-        .collect();
-    let lost: Vec<&str> = acknowledged
-        .iter()
-        .filter(|o| !present.contains(&o.key))
-        .map(|o| o.key.as_str())
-        .collect();
-    if lost.is_empty() {
-        Ok(acknowledged.len())
-    } else {
-        Err(format!(
-            "{} acknowledged {kind} writes are missing after healing: {:?}",
-            lost.len(),
-            &lost[..lost.len().min(10)]
-        ))
-    }
+    all_present(history, kind, present, |o| Some(o.key.as_str()))
 }
 
 /// Invariant 1 for writes whose key the cluster chose: the value (the new object's id) of
@@ -43,17 +26,29 @@ pub fn acknowledged_ids_are_present(
     kind: &str,
     present: &BTreeSet<String>,
 ) -> Result<usize, String> {
+    all_present(history, kind, present, |o| match &o.outcome {
+        Outcome::Ok { value } => Some(value.as_str()),
+        _ => None,
+    })
+}
+
+/// Whether what `name` gives of every acknowledged operation of `kind` is in `present`;
+/// how many there were.
+fn all_present<'a>(
+    history: &'a [Operation],
+    kind: &str,
+    present: &BTreeSet<String>,
+    name: impl Fn(&'a Operation) -> Option<&'a str>,
+) -> Result<usize, String> {
     let acknowledged: Vec<&str> = history
         .iter()
-        .filter(|o| o.kind == kind)
-        .filter_map(|o| match &o.outcome {
-            Outcome::Ok { value } => Some(value.as_str()),
-            _ => None,
-        })
+        .filter(|o| o.kind == kind && o.outcome.is_ok())
+        .filter_map(name)
         .collect();
-    let lost: Vec<&&str> = acknowledged
+    let lost: Vec<&str> = acknowledged
         .iter()
-        .filter(|id| !present.contains(**id))
+        .copied()
+        .filter(|n| !present.contains(*n))
         .collect();
     if lost.is_empty() {
         Ok(acknowledged.len())

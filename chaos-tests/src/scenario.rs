@@ -303,8 +303,22 @@ impl Run {
                 return Some(l);
             }
             if Instant::now() > deadline {
-                self.violations
-                    .push(format!("no leader within {ELECTION_LIMIT:?}"));
+                let addrs: Vec<&str> = self
+                    .cluster
+                    .members
+                    .iter()
+                    .map(|n| self.cluster.addrs[n - 1].as_str())
+                    .collect();
+                let status = self.cluster.try_mandate(&[
+                    "cluster",
+                    "status",
+                    "--json",
+                    "--addr",
+                    &addrs.join(","),
+                ]);
+                self.violations.push(format!(
+                    "no leader within {ELECTION_LIMIT:?}; cluster status: {status:?}"
+                ));
                 return None;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -318,53 +318,32 @@ impl Grants {
         let mut delegations = Vec::new();
         for agent in 0..agents {
             for _ in 0..per_agent {
-                let root = pb::CreateDelegationRequest {
-                    user_token: user_token.clone(),
-                    agent: principals[agent].id.clone(),
-                    actions: vec!["read".into()],
-                    resources: vec![format!("{RESOURCE_ROOT}/*")],
-                    purpose: "chaos".into(),
-                    ttl_seconds: 24 * 3600,
-                    may_redelegate: true,
-                    max_depth: 1,
-                    ..Default::default()
-                };
-                let root = delegation_id(
-                    must(
-                        "delegate",
-                        client.authz(|mut c| {
-                            let r = root.clone();
-                            async move { c.create_delegation(r).await }
-                        }),
-                    )
-                    .await,
-                );
+                let root = must(
+                    "delegate",
+                    create_delegation(
+                        client,
+                        user_delegation(&user_token, &principals[agent].id, "chaos", 24 * 3600),
+                    ),
+                )
+                .await;
                 let sub_agent = agents + agent;
-                let sub = pb::CreateDelegationRequest {
-                    agent_assertion: agent_assertion(
-                        &principals[agent].id,
-                        &principals[agent].key,
-                        &cluster_id,
-                    )
-                    .expect("assertion"),
-                    parent_id: root.clone(),
-                    agent: principals[sub_agent].id.clone(),
-                    actions: vec!["read".into()],
-                    resources: vec![format!("{RESOURCE_ROOT}/*")],
-                    purpose: "chaos, re-delegated".into(),
-                    ttl_seconds: 12 * 3600,
-                    ..Default::default()
-                };
-                let sub = delegation_id(
-                    must(
-                        "re-delegate",
-                        client.authz(|mut c| {
-                            let r = sub.clone();
-                            async move { c.create_delegation(r).await }
-                        }),
-                    )
-                    .await,
-                );
+                let assertion =
+                    agent_assertion(&principals[agent].id, &principals[agent].key, &cluster_id)
+                        .expect("assertion");
+                let sub = must(
+                    "re-delegate",
+                    create_delegation(
+                        client,
+                        re_delegation(
+                            assertion,
+                            &root,
+                            &principals[sub_agent].id,
+                            "chaos, re-delegated",
+                            12 * 3600,
+                        ),
+                    ),
+                )
+                .await;
                 delegations.push(Delegation {
                     id: root.clone(),
                     parent: None,
@@ -391,6 +370,60 @@ impl Grants {
     }
 }
 
+/// The user's delegation of `read` on the resource tree to `agent`, re-delegable one hop.
+fn user_delegation(
+    user_token: &str,
+    agent: &str,
+    purpose: &str,
+    ttl_seconds: u64,
+) -> pb::CreateDelegationRequest {
+    pb::CreateDelegationRequest {
+        user_token: user_token.to_owned(),
+        agent: agent.to_owned(),
+        actions: vec!["read".into()],
+        resources: vec![format!("{RESOURCE_ROOT}/*")],
+        purpose: purpose.to_owned(),
+        ttl_seconds,
+        may_redelegate: true,
+        max_depth: 1,
+        ..Default::default()
+    }
+}
+
+/// An agent's re-delegation of all of `parent` to `to`.
+fn re_delegation(
+    assertion: String,
+    parent: &str,
+    to: &str,
+    purpose: &str,
+    ttl_seconds: u64,
+) -> pb::CreateDelegationRequest {
+    pb::CreateDelegationRequest {
+        agent_assertion: assertion,
+        parent_id: parent.to_owned(),
+        agent: to.to_owned(),
+        actions: vec!["read".into()],
+        resources: vec![format!("{RESOURCE_ROOT}/*")],
+        purpose: purpose.to_owned(),
+        ttl_seconds,
+        ..Default::default()
+    }
+}
+
+/// Creates a delegation; the new delegation's id.
+async fn create_delegation(
+    client: &Client,
+    request: pb::CreateDelegationRequest,
+) -> Result<String, ClientError> {
+    client
+        .authz(|mut c| {
+            let r = request.clone();
+            async move { c.create_delegation(r).await }
+        })
+        .await
+        .map(delegation_id)
+}
+
 fn delegation_id(response: pb::DelegationResponse) -> String {
     response.delegation.map(|d| d.id).unwrap_or_default()
 }
@@ -401,51 +434,33 @@ fn delegation_id(response: pb::DelegationResponse) -> String {
 pub async fn delegate_until(client: Arc<Client>, id: usize, grants: Arc<Grants>, shared: Shared) {
     let (agent, sub_agent) = (0, grants.principals.len() / 2);
     while shared.running() {
-        let root = pb::CreateDelegationRequest {
-            user_token: grants.user_token.clone(),
-            agent: grants.principals[agent].id.clone(),
-            actions: vec!["read".into()],
-            resources: vec![format!("{RESOURCE_ROOT}/*")],
-            purpose: "chaos, delegated under faults".into(),
-            ttl_seconds: 3600,
-            may_redelegate: true,
-            max_depth: 1,
-            ..Default::default()
-        };
-        let call = client.authz(|mut c| {
-            let r = root.clone();
-            async move { c.create_delegation(r).await }
-        });
+        let root = user_delegation(
+            &grants.user_token,
+            &grants.principals[agent].id,
+            "chaos, delegated under faults",
+            3600,
+        );
+        let call = create_delegation(&client, root);
         let node = client.current_addr().to_owned();
         let outcome = shared
             .history
-            .observe(id, "delegate", String::new(), String::new(), node, async {
-                call.await.map(delegation_id)
-            })
+            .observe(id, "delegate", String::new(), String::new(), node, call)
             .await;
         let Outcome::Ok { value: parent } = outcome else {
             continue;
         };
-        let sub = pb::CreateDelegationRequest {
-            agent_assertion: grants.assertion(agent),
-            parent_id: parent.clone(),
-            agent: grants.principals[sub_agent].id.clone(),
-            actions: vec!["read".into()],
-            resources: vec![format!("{RESOURCE_ROOT}/*")],
-            purpose: "chaos, re-delegated under faults".into(),
-            ttl_seconds: 1800,
-            ..Default::default()
-        };
-        let call = client.authz(|mut c| {
-            let r = sub.clone();
-            async move { c.create_delegation(r).await }
-        });
+        let sub = re_delegation(
+            grants.assertion(agent),
+            &parent,
+            &grants.principals[sub_agent].id,
+            "chaos, re-delegated under faults",
+            1800,
+        );
+        let call = create_delegation(&client, sub);
         let node = client.current_addr().to_owned();
         shared
             .history
-            .observe(id, "redelegate", parent, String::new(), node, async {
-                call.await.map(delegation_id)
-            })
+            .observe(id, "redelegate", parent, String::new(), node, call)
             .await;
     }
 }

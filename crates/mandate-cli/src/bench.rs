@@ -155,7 +155,7 @@ async fn one_request(
         (Load::Authorize, Some(w)) => {
             let request = pb::AuthorizeRequest {
                 agent_assertion: identity::agent_assertion(&w.agent_id, &w.key, &w.cluster_id)
-                    .map_err(|e| e.0)?,
+                    .map_err(|e| e.to_string())?,
                 delegation_id: w.delegation_id.clone(),
                 action: "read".into(),
                 resource: format!("secret/bench/{worker}"),

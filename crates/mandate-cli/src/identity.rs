@@ -72,7 +72,7 @@ pub fn write_new_signing_key(path: &Path) -> Result<SigningKey, Failure> {
     Ok(signing)
 }
 
-pub use mandate_client::credentials::{jwks_of, public_jwk};
+pub use mandate_client::credentials::{agent_assertion, jwks_of, public_jwk, user_token};
 
 impl From<mandate_client::credentials::SignError> for Failure {
     fn from(e: mandate_client::credentials::SignError) -> Self {
@@ -80,33 +80,15 @@ impl From<mandate_client::credentials::SignError> for Failure {
     }
 }
 
-/// An agent's client assertion for the cluster `cluster_id`.
-pub fn agent_assertion(
-    agent_id: &str,
-    key: &SigningKey,
-    cluster_id: &str,
-) -> Result<String, Failure> {
-    Ok(mandate_client::credentials::agent_assertion(
-        agent_id, key, cluster_id,
-    )?)
-}
-
-/// A user token signed by an issuer's key.
-pub fn user_token(
-    issuer_key: &SigningKey,
-    issuer: &str,
-    audience: &str,
-    user: &str,
-    ttl_s: u64,
-) -> Result<String, Failure> {
-    Ok(mandate_client::credentials::user_token(
-        issuer_key, issuer, audience, user, ttl_s,
-    )?)
-}
-
 /// A user token from the development issuer.
 pub fn dev_user_token(issuer_key: &SigningKey, user: &str, ttl_s: u64) -> Result<String, Failure> {
-    user_token(issuer_key, DEV_ISSUER, DEV_AUDIENCE, user, ttl_s)
+    Ok(user_token(
+        issuer_key,
+        DEV_ISSUER,
+        DEV_AUDIENCE,
+        user,
+        ttl_s,
+    )?)
 }
 
 /// The cluster id (the audience of agent assertions), from the public JWKS endpoint.
@@ -132,7 +114,11 @@ impl AgentIdentity {
     }
 
     pub async fn assertion(&self, client: &Client) -> Result<String, Failure> {
-        agent_assertion(&self.id, &self.key, &cluster_id(client).await?)
+        Ok(agent_assertion(
+            &self.id,
+            &self.key,
+            &cluster_id(client).await?,
+        )?)
     }
 }
 

@@ -28,6 +28,11 @@ pub struct RaftTiming {
     pub snapshot_logs_since_last: u64,
     /// Log entries kept after a snapshot, for followers that lag a little.
     pub logs_kept_after_snapshot: u64,
+    /// How long sending one snapshot chunk to a lagging follower may take, and for the last
+    /// chunk, installing the whole snapshot there (decoding it, replacing the state, fsync).
+    /// openraft's default (200 ms) is far too short for a snapshot of any size: the leader
+    /// would restart the transfer forever and the follower never catch up.
+    pub install_snapshot_timeout_ms: u64,
 }
 
 impl Default for RaftTiming {
@@ -38,6 +43,7 @@ impl Default for RaftTiming {
             election_timeout_max_ms: 2_000,
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1_000,
+            install_snapshot_timeout_ms: 60_000,
         }
     }
 }
@@ -45,6 +51,12 @@ impl Default for RaftTiming {
 impl RaftTiming {
     /// The openraft configuration for these timings, or why they are inconsistent.
     pub fn to_config(&self) -> Result<openraft::Config, String> {
+        if self.install_snapshot_timeout_ms < INSTALL_SNAPSHOT_TIMEOUT_MS_MIN {
+            return Err(format!(
+                "install_snapshot_timeout_ms is {}; sending and installing a snapshot chunk needs at least {INSTALL_SNAPSHOT_TIMEOUT_MS_MIN}",
+                self.install_snapshot_timeout_ms
+            ));
+        }
         openraft::Config {
             cluster_name: "mandate".into(),
             heartbeat_interval: self.heartbeat_ms,
@@ -53,6 +65,7 @@ impl RaftTiming {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
             ..Default::default()
         }
         .validate()
@@ -60,7 +73,27 @@ impl RaftTiming {
     }
 }
 
+/// Shortest `install_snapshot_timeout_ms` accepted.
+pub const INSTALL_SNAPSHOT_TIMEOUT_MS_MIN: u64 = 1_000;
+
 /// Size of one InstallSnapshot chunk sent to a lagging follower.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// Largest gRPC message between peers (an AppendEntries with a full batch, a snapshot chunk).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_installs_get_far_more_time_than_openraft_gives_by_default() {
+        let config = RaftTiming::default().to_config().expect("valid defaults");
+        assert_eq!(config.install_snapshot_timeout, 60_000);
+        let short = RaftTiming {
+            install_snapshot_timeout_ms: 200,
+            ..RaftTiming::default()
+        };
+        let err = short.to_config().expect_err("200 ms is refused");
+        assert!(err.contains("install_snapshot_timeout_ms"), "{err}");
+    }
+}

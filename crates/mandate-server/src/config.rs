@@ -26,6 +26,7 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
     pub logs_kept_after_snapshot: u64,
+    pub install_snapshot_timeout_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -37,6 +38,7 @@ impl Default for RaftConfig {
             election_timeout_max_ms: t.election_timeout_max_ms,
             snapshot_logs_since_last: t.snapshot_logs_since_last,
             logs_kept_after_snapshot: t.logs_kept_after_snapshot,
+            install_snapshot_timeout_ms: t.install_snapshot_timeout_ms,
         }
     }
 }
@@ -49,6 +51,7 @@ impl From<&RaftConfig> for RaftTiming {
             election_timeout_max_ms: c.election_timeout_max_ms,
             snapshot_logs_since_last: c.snapshot_logs_since_last,
             logs_kept_after_snapshot: c.logs_kept_after_snapshot,
+            install_snapshot_timeout_ms: c.install_snapshot_timeout_ms,
         }
     }
 }
