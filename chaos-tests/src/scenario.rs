@@ -598,9 +598,23 @@ impl Run {
         );
         let audit = self.audit_checks();
         record("(4) audit", audit);
+        let linearizable = check::registry_linearizable(&ops).map_err(|e| {
+            // Keep the registry history for study: the violation names the agent.
+            let path =
+                std::env::temp_dir().join(format!("mandate-chaos-{}-registry.history", self.name));
+            let lines: Vec<String> = ops
+                .iter()
+                .filter(|o| o.kind.starts_with("agent."))
+                .map(|o| format!("{o:?}"))
+                .collect();
+            match std::fs::write(&path, lines.join("\n")) {
+                Ok(()) => format!("{e} (history in {})", path.display()),
+                Err(w) => format!("{e} (history not saved: {w})"),
+            }
+        });
         record(
             "(5) linearizable registry",
-            check::registry_linearizable(&ops).map(|n| format!("{n} operations")),
+            linearizable.map(|n| format!("{n} operations")),
         );
         report.checks = checks;
         report.violations = violations;

@@ -223,13 +223,29 @@ impl Node {
         self.wait_applied(wanted).await
     }
 
+    /// On the leader: the index a linearizable read must wait for, once a quorum has confirmed
+    /// this node still leads. openraft answers the larger of its commit index and the first
+    /// entry of its term; but a leader restarted without losing its term (openraft restores it
+    /// as leader at once) knows a commit index that may lag entries committed and acknowledged
+    /// before the crash, and its term's first entry is older still: a read at that index could
+    /// miss an acknowledged write (the chaos suite's restart-all scenario caught one). The
+    /// leader's last log index covers every entry it ever had committed, so reads wait for that
+    /// instead; it is at most the entries in flight ahead of the commit index.
+    pub async fn leader_read_index(
+        &self,
+    ) -> Result<u64, RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, Member>>> {
+        let (read, _) = self.raft.get_read_log_id().await?;
+        let last_log = self.raft.metrics().borrow().last_log_index;
+        Ok(read.map_or(0, |l| l.index).max(last_log.unwrap_or(0)))
+    }
+
     /// The index a linearizable read must wait for, confirmed by the leader with a quorum.
     pub async fn read_index(&self) -> Result<u64, NodeError> {
         for _ in 0..WRITE_ROUTE_ATTEMPTS_MAX {
             let (leader_id, leader) = self.wait_for_leader().await?;
             if leader_id == self.id {
-                match self.raft.get_read_log_id().await {
-                    Ok((read, _)) => return Ok(read.map_or(0, |l| l.index)),
+                match self.leader_read_index().await {
+                    Ok(index) => return Ok(index),
                     Err(RaftError::APIError(_)) => {
                         self.await_leader_change(leader_id).await;
                         continue;

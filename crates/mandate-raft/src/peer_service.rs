@@ -94,10 +94,8 @@ impl RaftPeer for PeerService {
         &self,
         _: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        match self.node.raft.get_read_log_id().await {
-            Ok((read, _)) => Ok(Response::new(ReadIndexResponse {
-                read_index: read.map_or(0, |l| l.index),
-            })),
+        match self.node.leader_read_index().await {
+            Ok(read_index) => Ok(Response::new(ReadIndexResponse { read_index })),
             Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(Status::unavailable(e.to_string())),
         }
