@@ -617,6 +617,17 @@ impl Run {
             linearizable.map(|n| format!("{n} operations")),
         );
         report.checks = checks;
+        if !violations.is_empty() {
+            // The containers go with the scenario: keep what the nodes logged.
+            for node in self.cluster.members.clone() {
+                let path = std::env::temp_dir()
+                    .join(format!("mandate-chaos-{}-node-{node}.log", self.name));
+                match std::fs::write(&path, self.cluster.logs(node)) {
+                    Ok(()) => violations.push(format!("node {node}'s log: {}", path.display())),
+                    Err(e) => violations.push(format!("node {node}'s log not saved: {e}")),
+                }
+            }
+        }
         report.violations = violations;
         report.print();
         assert!(
