@@ -255,3 +255,152 @@ fn a_replayed_assertion_is_refused_cluster_wide() {
     let replayed = call(&c.addrs[2]).expect_err("a replayed completion assertion was accepted");
     assert_eq!(replayed.code(), Code::Unauthenticated, "{replayed}");
 }
+
+async fn check(
+    client: &mandate_client::Client,
+    items: Vec<pb::CheckItem>,
+    read: Option<pb::ReadOptions>,
+) -> Result<pb::CheckResponse, mandate_client::ClientError> {
+    let request = pb::CheckRequest { items, read };
+    client
+        .authz(|mut c| {
+            let r = request.clone();
+            async move { c.check(r).await }
+        })
+        .await
+}
+
+fn check_item(agent: &str, delegation: &str, action: &str, resource: &str) -> pb::CheckItem {
+    pb::CheckItem {
+        agent: agent.to_owned(),
+        delegation_id: delegation.to_owned(),
+        action: action.to_owned(),
+        resource: resource.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn check_decides_as_authorize_would_issues_nothing_and_sees_a_revocation_on_every_node() {
+    let c = DevCluster::start(3, 24000);
+    let world = World::create(&c, "checker");
+    let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
+    let rt = runtime();
+    let _enter = rt.enter();
+    let clients: Vec<mandate_client::Client> = c
+        .addrs
+        .iter()
+        .map(|a| client_at(&c.ca_cert, a, &c.token))
+        .collect();
+    let items = vec![
+        check_item(&world.agent_id, &delegation, "read", "secret/team-a/x"),
+        check_item(&world.agent_id, &delegation, "write", "secret/team-a/x"),
+        check_item(&world.agent_id, &delegation, "read", "secret/team-b/x"),
+        check_item("agt_nobody", &delegation, "read", "secret/team-a/x"),
+    ];
+    let before = c.json(&c.addrs[0], &["cluster", "status"]);
+    for client in &clients {
+        let r = rt
+            .block_on(check(client, items.clone(), None))
+            .expect("check answers");
+        let decisions: Vec<i32> = r.results.iter().map(|r| r.decision).collect();
+        let (allow, deny) = (pb::Decision::Allow as i32, pb::Decision::Deny as i32);
+        assert_eq!(decisions, vec![allow, deny, deny, deny], "{:?}", r.results);
+        assert_eq!(
+            r.results[0].policy_ids,
+            vec!["world:agents", "world:alice-team-a"]
+        );
+        assert!(r.results[1].reasons[0].contains("does not include the action \"write\""));
+        assert!(r.results[2].reasons[0].contains("does not cover"));
+        assert!(r.results[3].reasons[0].contains("there is no agent agt_nobody"));
+        let stale = pb::ReadOptions {
+            consistency: pb::ReadConsistency::Stale as i32,
+            min_applied_index: r.applied_index,
+        };
+        let again = rt
+            .block_on(check(client, items[..1].to_vec(), Some(stale)))
+            .expect("a stale check answers");
+        assert_eq!(again.results[0].decision, allow);
+    }
+    let after = c.json(&c.addrs[0], &["cluster", "status"]);
+    assert_eq!(
+        before["members"][0]["last_log_index"], after["members"][0]["last_log_index"],
+        "checks appended to the log"
+    );
+
+    let revoke = pb::RevokeDelegationRequest {
+        id: delegation.clone(),
+        user_token: world.alice.clone(),
+        agent_assertion: String::new(),
+    };
+    rt.block_on(clients[0].authz(|mut a| {
+        let r = revoke.clone();
+        async move { a.revoke_delegation(r).await }
+    }))
+    .expect("revoke");
+    for client in &clients {
+        let r = rt
+            .block_on(check(client, items[..1].to_vec(), None))
+            .expect("check answers");
+        assert_eq!(r.results[0].decision, pb::Decision::Deny as i32);
+        assert!(
+            r.results[0].reasons[0].contains("revoked"),
+            "{:?}",
+            r.results
+        );
+    }
+}
+
+#[test]
+fn check_refuses_bad_input_naming_the_item_and_field() {
+    let c = DevCluster::start(1, 24050);
+    let rt = runtime();
+    let _enter = rt.enter();
+    let client = client_at(&c.ca_cert, &c.addrs[0], &c.token);
+    let good = check_item("agt_a", "dlg_a", "read", "secret/a");
+    let cases: Vec<(Vec<pb::CheckItem>, &str, &str)> = vec![
+        (vec![], "items", "1 to 1000 items"),
+        (vec![good.clone(); 1001], "items", "not 1001"),
+        (
+            vec![
+                good.clone(),
+                check_item("agt_a", "dlg_a", "fly", "secret/a"),
+            ],
+            "items[1].action",
+            "fly",
+        ),
+        (
+            vec![check_item("agt_a", "dlg_a", "read", "secret//a")],
+            "items[0].resource",
+            "",
+        ),
+        (
+            vec![check_item("", "dlg_a", "read", "secret/a")],
+            "items[0].agent",
+            "must not be empty",
+        ),
+        (
+            vec![check_item("agt_a", "", "read", "secret/a")],
+            "items[0].delegation_id",
+            "must not be empty",
+        ),
+    ];
+    for (items, field, needle) in cases {
+        let e = rt
+            .block_on(check(&client, items, None))
+            .expect_err("bad input is refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains(field) && message.contains(needle),
+            "{field}: {message}"
+        );
+    }
+    let ca = std::fs::read(&c.ca_cert).expect("read the CA");
+    let anonymous =
+        mandate_client::Client::with_ca(&c.addrs[..1], None, Some(&ca)).expect("client");
+    let e = rt
+        .block_on(check(&anonymous, vec![good], None))
+        .expect_err("a check needs an operator token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+}

@@ -809,23 +809,92 @@ pub fn authorize_shape(c: &pb::Authorize) -> Result<(), DomainError> {
             format!("is at most {GRANT_USES_MAX}"),
         ));
     }
-    if c.request_context.len() > REQUEST_CONTEXT_ENTRIES_MAX {
+    request_context_shape("context", &c.request_context)
+}
+
+/// Checks a request's context: at most [`REQUEST_CONTEXT_ENTRIES_MAX`] short text entries.
+fn request_context_shape(
+    field: &str,
+    context: &BTreeMap<String, String>,
+) -> Result<(), DomainError> {
+    if context.len() > REQUEST_CONTEXT_ENTRIES_MAX {
         return Err(DomainError::invalid(
-            "context",
+            field,
             format!("has more than {REQUEST_CONTEXT_ENTRIES_MAX} entries"),
         ));
     }
-    for (k, v) in &c.request_context {
-        validate::text(&format!("context[{k}]"), k, 64)?;
-        validate::text(&format!("context[{k}]"), v, 256)?;
+    for (k, v) in context {
+        let entry = format!("{field}[{k}]");
+        validate::text(&entry, k, 64)?;
+        validate::text(&entry, v, 256)?;
         if k.is_empty() || k.contains('=') {
             return Err(DomainError::invalid(
-                &format!("context[{k}]"),
+                &entry,
                 "keys are non-empty and contain no '='",
             ));
         }
     }
     Ok(())
+}
+
+/// Most items one `Check` call may decide.
+pub const CHECK_ITEMS_MAX: usize = 1000;
+
+/// Checks the items of a `Check` call; fields are named `items[i].<field>`.
+pub fn check_shape(items: &[pb::CheckItem]) -> Result<(), DomainError> {
+    if items.is_empty() || items.len() > CHECK_ITEMS_MAX {
+        return Err(DomainError::invalid(
+            "items",
+            format!("holds 1 to {CHECK_ITEMS_MAX} items, not {}", items.len()),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        let field = |name: &str| format!("items[{i}].{name}");
+        if item.agent.is_empty() {
+            return Err(DomainError::invalid(&field("agent"), "must not be empty"));
+        }
+        if item.delegation_id.is_empty() {
+            return Err(DomainError::invalid(
+                &field("delegation_id"),
+                "must not be empty",
+            ));
+        }
+        delegation::action(&field("action"), &item.action)?;
+        delegation::resource(&field("resource"), &item.resource)?;
+        request_context_shape(&field("context"), &item.context)?;
+    }
+    Ok(())
+}
+
+/// A read-only decision: what an authorization by `agent_id` would decide at `time_ms`,
+/// without the assertion checks (the caller is not the agent) and changing nothing.
+pub fn check(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    agent_id: &str,
+    req: &AuthorizeRequest<'_>,
+    time_ms: u64,
+) -> Result<Evaluation, StorageFault> {
+    match state.agent(agent_id)? {
+        None => Ok(deny(
+            vec![format!("there is no agent {agent_id}")],
+            vec![],
+            vec![],
+        )),
+        Some(a) if !is_active(a.status) => Ok(deny(
+            vec![format!(
+                "agent {agent_id} is {}",
+                if a.status == pb::AgentStatus::Suspended as i32 {
+                    "suspended"
+                } else {
+                    "retired"
+                }
+            )],
+            vec![],
+            vec![],
+        )),
+        Some(a) => evaluate(state, engine, &a, req, time_ms),
+    }
 }
 
 /// What a new grant is for; the rest comes from the evaluation and the keyring.

@@ -15,11 +15,18 @@ use tonic::{Request, Response, Status};
 
 use crate::config::GrantConfig;
 use crate::refusals::Refusals;
-use crate::registry_service::check_size;
+use crate::registry_service::{check_size, read_barrier};
 use crate::sealing::AuditHasher;
 use crate::server::{submit, submit_as, Principal};
 use crate::tokens::{self, Signer};
 use crate::{auth, status};
+
+thread_local! {
+    /// Each worker thread's parsed policies and chain entities for `Check` (apply keeps its
+    /// own); every cache entry is keyed by the version of what it was built from.
+    static CHECK_ENGINE: std::cell::RefCell<policy::Engine> =
+        std::cell::RefCell::new(policy::Engine::default());
+}
 
 /// Longest an agent may wait for an approval in one call.
 pub const APPROVAL_WAIT_MS_MAX: u64 = 60_000;
@@ -565,6 +572,44 @@ impl Authz for AuthzService {
             response.approval_status = approval.status;
         }
         Ok(Response::new(response))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        check_size(request.get_ref())?;
+        auth::operator(&self.node, &self.refusals, request.metadata()).await?;
+        let r = request.into_inner();
+        authz::check_shape(&r.items).map_err(domain)?;
+        let applied_index = read_barrier(&self.node, r.read.as_ref()).await?;
+        let time_ms = now_ms();
+        let results = CHECK_ENGINE.with(|engine| {
+            let mut engine = engine.borrow_mut();
+            r.items
+                .iter()
+                .map(|item| {
+                    let req = authz::AuthorizeRequest {
+                        delegation_id: &item.delegation_id,
+                        action: &item.action,
+                        resource: &item.resource,
+                        request_context: &item.context,
+                        approved: false,
+                    };
+                    authz::check(&self.node.view, &mut engine, &item.agent, &req, time_ms).map(
+                        |e| CheckResult {
+                            decision: e.decision as i32,
+                            reasons: e.reasons,
+                            policy_ids: e.policy_ids,
+                        },
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        Ok(Response::new(CheckResponse {
+            results: results.map_err(fault)?,
+            applied_index,
+        }))
     }
 
     async fn get_approval(
