@@ -1,25 +1,37 @@
-//! `mandate bench register|authorize|evaluate|audit`: registrations or authorizations per
-//! second against a running cluster with a given number of concurrent clients, in-process
-//! decision evaluations per second, and the audit trail's lag, replay and stall cost. Each
-//! client has its own connections and starts at a different node, so followers forward to the
-//! leader as they would in production.
+//! `mandate bench`: workloads over the public gRPC API, each swept over numbers of concurrent
+//! clients, against the cluster in `--addr` or one the bench starts itself
+//! (`--start-cluster N`); etcd's put side by side (`compare`); in-process decision evaluation
+//! and offline token verification; the audit trail's lag; leader failover under load.
+//!
+//! Each client has its own connections and starts at a different node, so followers forward
+//! to the leader as they would in production. Latencies go into an HdrHistogram per phase;
+//! a warm-up before every phase is not measured.
 
 mod audit;
+mod etcd;
 mod evaluate;
+mod failover;
+mod load;
+mod plot;
+mod workloads;
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use mandate_client::{parse_addrs, pb, Client};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::identity;
+use crate::dev::LocalCluster;
 use crate::output::print;
 use crate::{Connection, Failure};
+use load::{Budget, Sweep};
+use workloads::Workload;
 
 /// Most concurrent clients one phase may run.
 pub const BENCH_CLIENTS_MAX: usize = 4096;
+/// First client port of a cluster the bench starts itself.
+pub const BENCH_CLUSTER_PORT: u16 = 7700;
 
 #[derive(Args, Debug)]
 pub struct BenchCommand {
@@ -29,15 +41,74 @@ pub struct BenchCommand {
     connection: Connection,
 }
 
+/// What every swept workload takes.
+#[derive(Args, Debug, Clone)]
+struct SweepArgs {
+    /// Concurrent clients per phase, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    clients: Vec<usize>,
+    /// Length of each measured phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Requests per phase instead of a duration.
+    #[arg(long, conflicts_with = "duration_secs")]
+    count: Option<u64>,
+    /// Unmeasured load before each phase, in seconds.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Write a PNG plot of throughput and p99 latency against clients.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Start a local cluster of this many nodes (release binary, TLS, durable) for the run,
+    /// in a temporary directory, instead of using `--addr`.
+    #[arg(long)]
+    start_cluster: Option<u16>,
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchSub {
-    /// Authorize (and receive a signed grant) as fast as N concurrent agents can, for each N.
-    Authorize {
-        #[arg(long, value_delimiter = ',', default_value = "1,64")]
-        clients: Vec<usize>,
-        #[arg(long, default_value_t = 10)]
-        duration_secs: u64,
+    /// Register agents.
+    Register(SweepArgs),
+    /// Create delegations (user token verified, policy checked, committed).
+    Delegate(SweepArgs),
+    /// Authorize and receive a signed single-use grant (a durable write per request).
+    Authorize(SweepArgs),
+    /// Authorize, then consume the grant (two durable writes per pair).
+    AuthorizeConsume(SweepArgs),
+    /// Check: read-only decisions on one node (the first of `--addr`) from its applied state.
+    Check {
+        #[command(flatten)]
+        sweep: SweepArgs,
+        /// Decisions per Check call.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
+    /// Introspect live grant tokens (verified, linearizable read).
+    Introspect(SweepArgs),
+    /// Offline verification of a grant token against the published JWKS, in-process; clients
+    /// are threads.
+    Verify(SweepArgs),
+    /// Lag from commit to a live audit subscriber (on the last `--addr` node) under authorize
+    /// load.
+    AuditLag(SweepArgs),
+    /// etcd's put (256-byte values, distinct keys) against `--etcd-endpoints`.
+    Etcd {
+        #[command(flatten)]
+        sweep: SweepArgs,
+        #[command(flatten)]
+        etcd: etcd::EtcdArgs,
+    },
+    /// etcd put and Mandate authorize, phase by phase at the same client counts in one run,
+    /// with the ratio at each.
+    Compare {
+        #[command(flatten)]
+        sweep: SweepArgs,
+        #[command(flatten)]
+        etcd: etcd::EtcdArgs,
+    },
+    /// SIGKILL the leader under authorize load and measure how soon writes resume (needs
+    /// `--start-cluster`).
+    Failover(failover::FailoverArgs),
     /// In-process decision evaluations (chain check + ceiling + Cedar) on one core; needs no
     /// cluster.
     Evaluate {
@@ -52,251 +123,160 @@ enum BenchSub {
         #[arg(long, default_value_t = 10)]
         duration_secs: u64,
     },
-    /// Register agents as fast as N concurrent clients can, for each N given.
-    Register {
-        /// Concurrent clients per phase, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,64")]
-        clients: Vec<usize>,
-        /// Length of each phase, in seconds.
-        #[arg(long, default_value_t = 10)]
-        duration_secs: u64,
-    },
 }
 
-struct Worker {
-    latencies_us: Vec<u64>,
-    errors: u64,
-    first_error: Option<String>,
-}
-
-#[derive(Clone, Copy)]
-enum Load {
-    Register,
-    Authorize,
-}
-
-impl Load {
-    fn unit(self) -> &'static str {
-        match self {
-            Load::Register => "registrations",
-            Load::Authorize => "authorizations",
+impl SweepArgs {
+    fn sweep(&self) -> Result<Sweep, Failure> {
+        if self.clients.is_empty()
+            || self
+                .clients
+                .iter()
+                .any(|c| *c == 0 || *c > BENCH_CLIENTS_MAX)
+        {
+            return Err(Failure(format!(
+                "--clients must each be between 1 and {BENCH_CLIENTS_MAX}"
+            )));
         }
-    }
-}
-
-/// What authorize workers need: an agent with its key, a delegation covering `secret/bench/*`.
-struct AuthorizeWorld {
-    agent_id: String,
-    key: ed25519_dalek::SigningKey,
-    cluster_id: String,
-    delegation_id: String,
-}
-
-async fn authorize_world(client: &Client) -> Result<AuthorizeWorld, Failure> {
-    let run = hex::encode(rand::random::<[u8; 4]>());
-    let (idp, issuer) = crate::authz_cli::trust_new_issuer(client, "bench", &run).await?;
-    crate::authz_cli::put_policy(client, "bench", BENCH_POLICY).await?;
-    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    let register = pb::RegisterAgentRequest {
-        name: format!("bench-agent-{run}"),
-        owner: "bench-user".into(),
-        public_keys: vec![identity::public_jwk(&key.verifying_key())],
-        ..Default::default()
-    };
-    let agent = client
-        .registry(|mut c| {
-            let r = register.clone();
-            async move { c.register(r).await }
-        })
-        .await?
-        .agent
-        .ok_or_else(|| Failure("no agent returned".into()))?;
-    let user = identity::user_token(&idp, &issuer, "mandate", "bench-user", 3600)?;
-    let delegate = pb::CreateDelegationRequest {
-        user_token: user,
-        agent: agent.id.clone(),
-        actions: vec!["read".into()],
-        resources: vec!["secret/bench/*".into()],
-        ttl_seconds: 3600,
-        ..Default::default()
-    };
-    let delegation = client
-        .authz(|mut c| {
-            let r = delegate.clone();
-            async move { c.create_delegation(r).await }
-        })
-        .await?
-        .delegation
-        .ok_or_else(|| Failure("no delegation returned".into()))?;
-    Ok(AuthorizeWorld {
-        agent_id: agent.id,
-        key,
-        cluster_id: identity::cluster_id(client).await?,
-        delegation_id: delegation.id,
-    })
-}
-
-const BENCH_POLICY: &str = r#"
-@id("bench-user")
-permit(principal == User::"bench-user", action == Action::"read", resource in Resource::"secret/bench");
-@id("bench-agents")
-permit(principal is Agent, action == Action::"read", resource in Resource::"secret/bench") when { context.delegation.depth <= 1 };
-"#;
-
-async fn one_request(
-    client: &Client,
-    load: Load,
-    run_id: &str,
-    worker: usize,
-    n: u64,
-    world: Option<&AuthorizeWorld>,
-) -> Result<(), String> {
-    match (load, world) {
-        (Load::Authorize, Some(w)) => {
-            let request = pb::AuthorizeRequest {
-                agent_assertion: identity::agent_assertion(&w.agent_id, &w.key, &w.cluster_id)
-                    .map_err(|e| e.to_string())?,
-                delegation_id: w.delegation_id.clone(),
-                action: "read".into(),
-                resource: format!("secret/bench/{worker}"),
-                ..Default::default()
-            };
-            let r = client
-                .authz(|mut c| {
-                    let r = request.clone();
-                    async move { c.authorize(r).await }
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.decision == pb::Decision::Allow as i32 && !r.token.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("not allowed: {:?}", r.reasons))
+        let budget = match self.count {
+            Some(0) => return Err(Failure("--count must be at least 1".into())),
+            Some(n) => Budget::Count(n),
+            None if self.duration_secs == 0 => {
+                return Err(Failure("--duration-secs must be at least 1".into()))
             }
-        }
-        _ => {
-            let request = pb::RegisterAgentRequest {
-                name: format!("bench-{run_id}-{worker}-{n}"),
-                owner: "bench".into(),
-                description: "registered by mandate bench".into(),
-                ..Default::default()
-            };
-            client
-                .registry(|mut c| {
-                    let request = request.clone();
-                    async move { c.register(request).await }
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            None => Budget::Time(Duration::from_secs(self.duration_secs)),
+        };
+        Ok(Sweep {
+            clients: self.clients.clone(),
+            budget,
+            warmup: Duration::from_secs(self.warmup_secs),
+        })
+    }
+}
+
+/// A temporary directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Result<Self, Failure> {
+        let dir = std::env::temp_dir().join(format!(
+            "mandate-bench-{label}-{:08x}",
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cluster a run measures: the one in `--addr`, or one started for the run.
+struct Target {
+    connection: Connection,
+    cluster: Option<(LocalCluster, TempDir)>,
+}
+
+impl Target {
+    async fn new(connection: &Connection, start: Option<u16>) -> Result<Self, Failure> {
+        let Some(nodes) = start else {
+            return Ok(Target {
+                connection: connection.clone(),
+                cluster: None,
+            });
+        };
+        let dir = TempDir::new("cluster")?;
+        eprintln!(
+            "mandate bench: starting {nodes} node(s) in {}",
+            dir.0.display()
+        );
+        let cluster = LocalCluster::start(&dir.0, nodes, BENCH_CLUSTER_PORT).await?;
+        let connection = Connection {
+            addr: cluster.addrs.join(","),
+            token: Some(cluster.token.clone()),
+            ca_cert: Some(cluster.ca_file.clone()),
+            json: connection.json,
+        };
+        Ok(Target {
+            connection,
+            cluster: Some((cluster, dir)),
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some((mut cluster, _dir)) = self.cluster.take() {
+            cluster.stop().await;
         }
     }
 }
 
-async fn worker(
-    client: Client,
-    run_id: String,
-    worker: usize,
-    until: Instant,
-    load: Load,
-    world: Option<Arc<AuthorizeWorld>>,
-) -> Worker {
-    let mut w = Worker {
-        latencies_us: Vec::new(),
-        errors: 0,
-        first_error: None,
-    };
-    let mut n = 0u64;
-    while Instant::now() < until {
-        n += 1;
-        let started = Instant::now();
-        match one_request(&client, load, &run_id, worker, n, world.as_deref()).await {
-            Ok(()) => w.latencies_us.push(started.elapsed().as_micros() as u64),
-            Err(e) => {
-                w.errors += 1;
-                w.first_error.get_or_insert(e);
-            }
+fn human_line(p: &Value) -> String {
+    let ms = |k: &str| p["latency_ms"][k].as_f64().unwrap_or(0.0);
+    format!(
+        "{:<18} {:>5} clients: {:>10.1}/s  p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  errors {}",
+        p["workload"].as_str().unwrap_or(""),
+        p["clients"],
+        p["per_second"].as_f64().unwrap_or(0.0),
+        ms("p50"),
+        ms("p90"),
+        ms("p99"),
+        ms("p99_9"),
+        p["errors"],
+    )
+}
+
+fn report(
+    phases: &[Value],
+    extra: Value,
+    sweep: &SweepArgs,
+    json_out: bool,
+) -> Result<(), Failure> {
+    if let Some(path) = &sweep.plot {
+        plot::write(path, phases)?;
+        if !json_out {
+            println!("plot written to {}", path.display());
         }
     }
-    w
+    if json_out {
+        let mut out = json!({ "phases": phases });
+        if let (Some(o), Value::Object(e)) = (out.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        print(&out, true);
+    } else if let Value::Object(e) = extra {
+        for (k, v) in e {
+            println!("{k}: {v}");
+        }
+    }
+    Ok(())
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+async fn swept(
+    target: &Target,
+    workload: Workload,
+    sweep: &SweepArgs,
+    json_out: bool,
+) -> Result<Vec<Value>, Failure> {
+    let plan = sweep.sweep()?;
+    let world = workloads::World::create(&target.connection, &workload).await?;
+    let world = Arc::new(world);
+    let mut phases = Vec::new();
+    for clients in &plan.clients {
+        let phase = load::phase(&target.connection, &workload, &world, *clients, &plan).await?;
+        if !json_out {
+            println!("{}", human_line(&phase));
+        }
+        phases.push(phase);
     }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank] as f64 / 1000.0
-}
-
-async fn phase(
-    connection: &Connection,
-    clients: usize,
-    duration: Duration,
-    world: Option<Arc<AuthorizeWorld>>,
-) -> Result<serde_json::Value, Failure> {
-    let load = if world.is_some() {
-        Load::Authorize
-    } else {
-        Load::Register
-    };
-    let addrs = parse_addrs(&connection.addr);
-    if addrs.is_empty() {
-        return Err(Failure("no address given".into()));
-    }
-    let run_id = format!("{:08x}", rand::random::<u32>());
-    let until = Instant::now() + duration;
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let mut rotated = addrs.clone();
-        rotated.rotate_left(i % addrs.len());
-        let client = connection.client_at(&rotated)?;
-        tasks.push(tokio::spawn(worker(
-            client,
-            run_id.clone(),
-            i,
-            until,
-            load,
-            world.clone(),
-        )));
-    }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for task in tasks {
-        let w = task
-            .await
-            .map_err(|e| Failure(format!("a bench client failed: {e}")))?;
-        latencies.extend(w.latencies_us);
-        errors += w.errors;
-        first_error = first_error.or(w.first_error);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    Ok(json!({
-        "clients": clients,
-        "duration_s": elapsed,
-        "requests": latencies.len(),
-        "per_second": latencies.len() as f64 / elapsed,
-        "latency_ms_p50": percentile(&latencies, 0.5),
-        "latency_ms_p99": percentile(&latencies, 0.99),
-        "errors": errors,
-        "first_error": first_error,
-    }))
+    Ok(phases)
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
-    let (clients, duration_secs, kind) = match cmd.command {
-        BenchSub::Register {
-            clients,
-            duration_secs,
-        } => (clients, duration_secs, Load::Register),
-        BenchSub::Authorize {
-            clients,
-            duration_secs,
-        } => (clients, duration_secs, Load::Authorize),
-        BenchSub::Evaluate { iterations } => return evaluate::run(iterations, cmd.connection.json),
+    let json_out = cmd.connection.json;
+    let (workload, sweep) = match cmd.command {
+        BenchSub::Evaluate { iterations } => return evaluate::run(iterations, json_out),
         BenchSub::Audit {
             clients,
             duration_secs,
@@ -306,66 +286,115 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
                     "--clients is 1 to {BENCH_CLIENTS_MAX} and --duration-secs at least 1"
                 )));
             }
-            let world = Arc::new(authorize_world(&cmd.connection.client()?).await?);
-            let result = audit::run(
-                &cmd.connection,
-                clients,
-                Duration::from_secs(duration_secs),
-                world,
-            )
-            .await?;
-            print(&result, cmd.connection.json);
+            let result =
+                audit::run(&cmd.connection, clients, Duration::from_secs(duration_secs)).await?;
+            print(&result, json_out);
             return Ok(());
         }
-    };
-    if clients.iter().any(|c| *c == 0 || *c > BENCH_CLIENTS_MAX) {
-        return Err(Failure(format!(
-            "--clients must each be between 1 and {BENCH_CLIENTS_MAX}"
-        )));
-    }
-    if duration_secs == 0 {
-        return Err(Failure("--duration-secs must be at least 1".into()));
-    }
-    let world = match kind {
-        Load::Register => None,
-        Load::Authorize => Some(Arc::new(authorize_world(&cmd.connection.client()?).await?)),
-    };
-    let mut phases = Vec::new();
-    for c in &clients {
-        let result = phase(
-            &cmd.connection,
-            *c,
-            Duration::from_secs(duration_secs),
-            world.clone(),
-        )
-        .await?;
-        if !cmd.connection.json {
-            println!(
-                "{:>5} clients: {:>9.1} {}/s  (p50 {:.2} ms, p99 {:.2} ms, {} errors)",
-                result["clients"],
-                result["per_second"].as_f64().unwrap_or(0.0),
-                kind.unit(),
-                result["latency_ms_p50"].as_f64().unwrap_or(0.0),
-                result["latency_ms_p99"].as_f64().unwrap_or(0.0),
-                result["errors"],
-            );
+        BenchSub::Failover(args) => return failover::run(&cmd.connection, args).await,
+        BenchSub::Etcd { sweep, etcd } => {
+            let plan = sweep.sweep()?;
+            let cluster = etcd::Etcd::connect_or_start(&etcd).await?;
+            let mut phases = Vec::new();
+            for clients in &plan.clients {
+                let phase = etcd::phase(&cluster, *clients, &plan).await?;
+                if !json_out {
+                    println!("{}", human_line(&phase));
+                }
+                phases.push(phase);
+            }
+            cluster.stop().await;
+            return report(&phases, json!({}), &sweep, json_out);
         }
-        phases.push(result);
-    }
-    let rate = |p: &serde_json::Value| p["per_second"].as_f64().unwrap_or(0.0);
+        BenchSub::Compare { sweep, etcd } => {
+            return compare(&cmd.connection, &sweep, &etcd, json_out).await
+        }
+        BenchSub::Register(s) => (Workload::Register, s),
+        BenchSub::Delegate(s) => (Workload::Delegate, s),
+        BenchSub::Authorize(s) => (Workload::Authorize, s),
+        BenchSub::AuthorizeConsume(s) => (Workload::AuthorizeConsume, s),
+        BenchSub::Check { sweep, batch } => {
+            if batch == 0 || batch > mandate_core::authz::CHECK_ITEMS_MAX {
+                return Err(Failure(format!(
+                    "--batch must be between 1 and {}",
+                    mandate_core::authz::CHECK_ITEMS_MAX
+                )));
+            }
+            (Workload::Check { batch }, sweep)
+        }
+        BenchSub::Introspect(s) => (Workload::Introspect, s),
+        BenchSub::Verify(s) => (Workload::Verify, s),
+        BenchSub::AuditLag(s) => (Workload::AuditLag, s),
+    };
+    sweep.sweep()?;
+    let target = Target::new(&cmd.connection, sweep.start_cluster).await?;
+    let result = swept(&target, workload, &sweep, json_out).await;
+    target.stop().await;
+    let phases = result?;
+    let rate = |p: &Value| p["per_second"].as_f64().unwrap_or(0.0);
     let speedup = match (phases.first(), phases.last()) {
         (Some(first), Some(last)) if phases.len() > 1 && rate(first) > 0.0 => {
-            Some(rate(last) / rate(first))
+            json!({ "speedup_last_over_first": rate(last) / rate(first) })
         }
-        _ => None,
+        _ => json!({}),
     };
-    if cmd.connection.json {
-        print(
-            &json!({ "phases": phases, "speedup_last_over_first": speedup }),
-            true,
-        );
-    } else if let Some(s) = speedup {
-        println!("speed-up, last phase over first: {s:.1}x");
+    report(&phases, speedup, &sweep, json_out)
+}
+
+/// etcd put and Mandate authorize alternately at each client count, in one run.
+async fn compare(
+    connection: &Connection,
+    sweep: &SweepArgs,
+    etcd_args: &etcd::EtcdArgs,
+    json_out: bool,
+) -> Result<(), Failure> {
+    let plan = sweep.sweep()?;
+    let etcd = etcd::Etcd::connect_or_start(etcd_args).await?;
+    let target = match Target::new(connection, sweep.start_cluster).await {
+        Ok(t) => t,
+        Err(e) => {
+            etcd.stop().await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let world =
+            Arc::new(workloads::World::create(&target.connection, &Workload::Authorize).await?);
+        let mut phases = Vec::new();
+        let mut ratios = Vec::new();
+        for clients in &plan.clients {
+            let put = etcd::phase(&etcd, *clients, &plan).await?;
+            let authorize = load::phase(
+                &target.connection,
+                &Workload::Authorize,
+                &world,
+                *clients,
+                &plan,
+            )
+            .await?;
+            let rate = |p: &Value| p["per_second"].as_f64().unwrap_or(0.0);
+            let ratio = if rate(&put) > 0.0 {
+                rate(&authorize) / rate(&put)
+            } else {
+                0.0
+            };
+            if !json_out {
+                println!("{}", human_line(&put));
+                println!("{}", human_line(&authorize));
+                println!(
+                    "{:<18} {clients:>5} clients: authorize/put = {ratio:.2}",
+                    "ratio"
+                );
+            }
+            ratios.push(json!({ "clients": clients, "authorize_over_etcd_put": ratio }));
+            phases.push(put);
+            phases.push(authorize);
+        }
+        Ok::<_, Failure>((phases, ratios))
     }
-    Ok(())
+    .await;
+    target.stop().await;
+    etcd.stop().await;
+    let (phases, ratios) = result?;
+    report(&phases, json!({ "ratios": ratios }), sweep, json_out)
 }

@@ -238,77 +238,151 @@ pub async fn run(args: DevArgs) -> Result<(), Failure> {
     {
         return user_token(user, data_dir, ttl);
     }
-    if args.nodes == 0 || args.nodes > DEV_NODES_MAX {
-        return Err(Failure(format!(
-            "--nodes must be between 1 and {DEV_NODES_MAX}"
-        )));
-    }
-    if u32::from(args.port) + 100 + u32::from(args.nodes) > u32::from(u16::MAX) {
-        return Err(Failure(format!(
-            "--port {} leaves no room for {} nodes",
-            args.port, args.nodes
-        )));
-    }
-    std::fs::create_dir_all(&args.data_dir)?;
-    let dir = std::fs::canonicalize(&args.data_dir)?;
-    let issuer_key = ensure_secrets(&dir)?;
-    let node_names: Vec<(u64, Vec<String>)> = (1..=u64::from(args.nodes))
-        .map(|i| (i, vec!["127.0.0.1".to_owned(), "localhost".to_owned()]))
-        .collect();
-    let certs = tls::ensure(&dir.join(TLS_DIR), &node_names)?;
-    let configs: Vec<NodeConfig> = (1..=u64::from(args.nodes))
-        .zip(&certs)
-        .map(|(i, tls)| node_config(&dir, i, args.port, args.nodes, tls))
-        .collect();
-    for config in &configs {
-        for addr in [&config.client_addr, &config.peer_addr] {
-            std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
-                Failure(format!(
-                    "{addr} is not free ({e}); is another cluster running? choose another --port"
-                ))
-            })?;
-        }
-    }
-    let mut nodes = Vec::new();
-    for config in &configs {
-        match spawn_node(&dir, config).await {
-            Ok(child) => nodes.push(DevNode {
-                id: config.node_id,
-                child,
-            }),
-            Err(e) => {
-                stop_all(&mut nodes, &dir).await;
-                return Err(e);
-            }
-        }
-    }
-    let ca_file = dir.join(TLS_DIR).join("ca.pem");
-    let result = bring_up(&dir, &configs, &mut nodes, &issuer_key, &ca_file).await;
-    let token = match result {
-        Ok(token) => token,
-        Err(e) => {
-            stop_all(&mut nodes, &dir).await;
-            return Err(e);
-        }
-    };
-    let addrs: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
-    let env = format!(
-        "MANDATE_ADDR={}\nMANDATE_TOKEN={token}\nMANDATE_CA_CERT={}\n",
-        addrs.join(","),
-        ca_file.display()
-    );
-    let env_path = dir.join("env");
-    std::fs::write(&env_path, &env)?;
-    print!("{env}");
+    let mut cluster = LocalCluster::start(&args.data_dir, args.nodes, args.port).await?;
+    print!("{}", cluster.env());
     eprintln!(
         "mandate dev: {} node(s) running; data, logs and pid files in {}. Ctrl-C stops them.",
         args.nodes,
-        dir.display()
+        cluster.dir.display()
     );
     let signal = shutdown_signal().await;
     eprintln!("mandate dev: stopping");
-    stop_all(&mut nodes, &dir).await;
+    cluster.stop().await;
     signal
+}
+
+/// A running local cluster: each node its own process, and what clients need to reach it.
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    configs: Vec<NodeConfig>,
+    nodes: Vec<DevNode>,
+    pub addrs: Vec<String>,
+    pub token: String,
+    pub ca_file: PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts (or restarts, when DIR holds one) a cluster of `nodes` nodes whose client ports
+    /// start at `port`, and writes DIR/env.
+    pub async fn start(data_dir: &Path, nodes: u16, port: u16) -> Result<Self, Failure> {
+        if nodes == 0 || nodes > DEV_NODES_MAX {
+            return Err(Failure(format!(
+                "--nodes must be between 1 and {DEV_NODES_MAX}"
+            )));
+        }
+        if u32::from(port) + 100 + u32::from(nodes) > u32::from(u16::MAX) {
+            return Err(Failure(format!(
+                "--port {port} leaves no room for {nodes} nodes"
+            )));
+        }
+        std::fs::create_dir_all(data_dir)?;
+        let dir = std::fs::canonicalize(data_dir)?;
+        let issuer_key = ensure_secrets(&dir)?;
+        let node_names: Vec<(u64, Vec<String>)> = (1..=u64::from(nodes))
+            .map(|i| (i, vec!["127.0.0.1".to_owned(), "localhost".to_owned()]))
+            .collect();
+        let certs = tls::ensure(&dir.join(TLS_DIR), &node_names)?;
+        let configs: Vec<NodeConfig> = (1..=u64::from(nodes))
+            .zip(&certs)
+            .map(|(i, tls)| node_config(&dir, i, port, nodes, tls))
+            .collect();
+        for config in &configs {
+            for addr in [&config.client_addr, &config.peer_addr] {
+                std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
+                    Failure(format!(
+                        "{addr} is not free ({e}); is another cluster running? choose another --port"
+                    ))
+                })?;
+            }
+        }
+        let mut cluster = LocalCluster {
+            addrs: configs.iter().map(|c| c.client_addr.clone()).collect(),
+            ca_file: dir.join(TLS_DIR).join("ca.pem"),
+            dir,
+            configs,
+            nodes: Vec::new(),
+            token: String::new(),
+        };
+        for config in &cluster.configs {
+            match spawn_node(&cluster.dir, config).await {
+                Ok(child) => cluster.nodes.push(DevNode {
+                    id: config.node_id,
+                    child,
+                }),
+                Err(e) => {
+                    cluster.stop().await;
+                    return Err(e);
+                }
+            }
+        }
+        let result = bring_up(
+            &cluster.dir,
+            &cluster.configs,
+            &mut cluster.nodes,
+            &issuer_key,
+            &cluster.ca_file,
+        )
+        .await;
+        match result {
+            Ok(token) => cluster.token = token,
+            Err(e) => {
+                cluster.stop().await;
+                return Err(e);
+            }
+        }
+        std::fs::write(cluster.dir.join("env"), cluster.env())?;
+        Ok(cluster)
+    }
+
+    /// MANDATE_ADDR, MANDATE_TOKEN and MANDATE_CA_CERT lines.
+    pub fn env(&self) -> String {
+        format!(
+            "MANDATE_ADDR={}\nMANDATE_TOKEN={}\nMANDATE_CA_CERT={}\n",
+            self.addrs.join(","),
+            self.token,
+            self.ca_file.display()
+        )
+    }
+
+    fn node(&mut self, id: u64) -> Result<&mut DevNode, Failure> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| Failure(format!("there is no running node {id}")))
+    }
+
+    /// SIGKILLs node `id` and waits for it to exit.
+    pub async fn kill(&mut self, id: u64) -> Result<(), Failure> {
+        let node = self.node(id)?;
+        node.child.kill().await?;
+        self.nodes.retain(|n| n.id != id);
+        Ok(())
+    }
+
+    /// Starts node `id` again from its own data and waits for it to listen.
+    pub async fn restart(&mut self, id: u64) -> Result<(), Failure> {
+        if self.node(id).is_ok() {
+            return Err(Failure(format!("node {id} is running")));
+        }
+        let config = self
+            .configs
+            .iter()
+            .find(|c| c.node_id == id)
+            .ok_or_else(|| Failure(format!("the cluster has no node {id}")))?
+            .clone();
+        let child = spawn_node(&self.dir, &config).await?;
+        let mut node = DevNode { id, child };
+        let deadline = Instant::now() + Duration::from_millis(DEV_START_TIMEOUT_MS);
+        wait_listening(&mut node, &config.client_addr, deadline).await?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL after a while).
+    pub async fn stop(&mut self) {
+        stop_all(&mut self.nodes, &self.dir).await;
+        self.nodes.clear();
+    }
 }
 
 /// Waits for the nodes to listen, then initialises the cluster if this DIR never was.

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use mandate_client::{parse_addrs, pb, Client, Streaming};
 use serde_json::{json, Value};
 
-use super::{percentile, phase, AuthorizeWorld};
+use super::load::{self, Budget, Sweep};
+use super::workloads::{Workload, World};
 use crate::{Connection, Failure};
 
 fn now_ms() -> u64 {
@@ -54,12 +55,90 @@ fn after(p: &pb::AuditPosition) -> Option<pb::AuditPosition> {
     })
 }
 
+/// A live subscriber on `client`'s node collecting each authorize record's lag (µs) from its
+/// command stamp to its arrival, until the returned sender fires.
+async fn live_lags(
+    client: &Client,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<hdrhistogram::Histogram<u64>>,
+    ),
+    Failure,
+> {
+    let mut live = subscribe(client, after(&head(client).await?), true).await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut lags = load::histogram();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return lags,
+                next = live.message() => match next {
+                    Ok(Some(r)) if r.r#type == "authorize" => {
+                        lags.saturating_record(now_ms().saturating_sub(r.time_ms).max(1) * 1000)
+                    }
+                    Ok(Some(_)) => {}
+                    _ => return lags,
+                },
+            }
+        }
+    });
+    Ok((stop_tx, reader))
+}
+
+/// How long the live subscriber keeps reading after the load stops, for the phase's last
+/// records.
+const LAG_DRAIN: Duration = Duration::from_millis(500);
+
+/// Authorize load with a live subscriber on the last node: the summary's `latency_ms` is the
+/// commit-to-subscriber lag; `authorize_latency_ms` is the requests' own.
+pub async fn lag_phase(
+    connection: &Connection,
+    world: &Arc<World>,
+    clients: usize,
+    sweep: &Sweep,
+) -> Result<Value, Failure> {
+    let last = parse_addrs(&connection.addr)
+        .last()
+        .cloned()
+        .ok_or_else(|| Failure("no address given".into()))?;
+    let client = connection.client_at(std::slice::from_ref(&last))?;
+    let (stop, reader) = live_lags(&client).await?;
+    let (clock, stats) =
+        load::clients_phase(connection, &Workload::Authorize, world, clients, sweep).await?;
+    tokio::time::sleep(LAG_DRAIN).await;
+    let _ = stop.send(());
+    let lags = reader
+        .await
+        .map_err(|e| Failure(format!("the subscriber failed: {e}")))?;
+    let mut summary = load::summary("audit-lag", "authorizations", clients, &clock, &stats);
+    summary["authorize_latency_ms"] = summary["latency_ms"].take();
+    summary["latency_ms"] = load::percentiles(&lags);
+    summary["lag_records"] = json!(lags.len());
+    summary["subscriber_node"] = json!(last);
+    Ok(summary)
+}
+
+async fn authorize_phase(
+    connection: &Connection,
+    world: &Arc<World>,
+    clients: usize,
+    duration: Duration,
+) -> Result<Value, Failure> {
+    let sweep = Sweep {
+        clients: vec![clients],
+        budget: Budget::Time(duration),
+        warmup: Duration::ZERO,
+    };
+    load::phase(connection, &Workload::Authorize, world, clients, &sweep).await
+}
+
 pub async fn run(
     connection: &Connection,
     clients: usize,
     duration: Duration,
-    world: Arc<AuthorizeWorld>,
 ) -> Result<Value, Failure> {
+    let world = Arc::new(World::create(connection, &Workload::Authorize).await?);
     let addrs = parse_addrs(&connection.addr);
     let last = addrs
         .last()
@@ -67,11 +146,11 @@ pub async fn run(
         .ok_or_else(|| Failure("no address given".into()))?;
     let client = connection.client_at(std::slice::from_ref(&last))?;
 
-    let baseline = phase(connection, clients, duration, Some(world.clone())).await?;
+    let baseline = authorize_phase(connection, &world, clients, duration).await?;
 
     // A stalled subscriber: opened, then not read while the load runs.
     let mut stalled = subscribe(&client, after(&head(&client).await?), true).await?;
-    let with_stalled = phase(connection, clients, duration, Some(world.clone())).await?;
+    let with_stalled = authorize_phase(connection, &world, clients, duration).await?;
     let target = head(&client).await?;
     let started = Instant::now();
     let mut caught_up = 0u64;
@@ -90,34 +169,15 @@ pub async fn run(
 
     // The baseline again: the state grows from phase to phase, so the stalled phase is
     // compared with the mean of the runs before and after it.
-    let baseline_after = phase(connection, clients, duration, Some(world.clone())).await?;
+    let baseline_after = authorize_phase(connection, &world, clients, duration).await?;
 
-    // A live subscriber: lag from each authorize command's stamp to its record's arrival.
-    let mut live = subscribe(&client, after(&head(&client).await?), true).await?;
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let reader = tokio::spawn(async move {
-        let mut lags = Vec::new();
-        loop {
-            tokio::select! {
-                _ = &mut stop_rx => return lags,
-                next = live.message() => match next {
-                    Ok(Some(r)) if r.r#type == "authorize" => {
-                        lags.push(now_ms().saturating_sub(r.time_ms) * 1000)
-                    }
-                    Ok(Some(_)) => {}
-                    _ => return lags,
-                },
-            }
-        }
-    });
-    let with_live = phase(connection, clients, duration, Some(world.clone())).await?;
-    // Let the subscriber receive the last records of the phase before stopping it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop_tx.send(());
-    let mut lags = reader
+    let (stop, reader) = live_lags(&client).await?;
+    let with_live = authorize_phase(connection, &world, clients, duration).await?;
+    tokio::time::sleep(LAG_DRAIN).await;
+    let _ = stop.send(());
+    let lags = reader
         .await
         .map_err(|e| Failure(format!("the subscriber failed: {e}")))?;
-    lags.sort_unstable();
 
     // Replay of the retained trail from storage.
     let started = Instant::now();
@@ -134,6 +194,8 @@ pub async fn run(
     let replay_s = started.elapsed().as_secs_f64();
 
     let rate = |p: &Value| p["per_second"].as_f64().unwrap_or(0.0);
+    let mut lag = load::percentiles(&lags);
+    lag["records"] = json!(lags.len());
     Ok(json!({
         "clients": clients,
         "subscriber_node": last,
@@ -148,12 +210,7 @@ pub async fn run(
         } else {
             0.0
         },
-        "lag_ms": {
-            "records": lags.len(),
-            "p50": percentile(&lags, 0.5),
-            "p99": percentile(&lags, 0.99),
-            "max": percentile(&lags, 1.0),
-        },
+        "lag_ms": lag,
         "stalled_catch_up": {
             "records": caught_up,
             "seconds": catch_up_s,
