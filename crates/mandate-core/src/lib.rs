@@ -12,6 +12,7 @@ pub mod audit;
 pub mod authz;
 pub mod delegation;
 pub mod error;
+pub mod fixture;
 pub mod keys;
 pub mod limits;
 pub mod policy;
