@@ -472,15 +472,7 @@ pub struct AuthorizeArgs {
 pub async fn authorize(args: AuthorizeArgs) -> Result<(), Failure> {
     let client = args.connection.client()?;
     let identity = AgentIdentity::load(&args.agent, &args.agent_key)?;
-    let context = args
-        .context
-        .iter()
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| Failure(format!("--context {kv:?}: expected key=value")))
-        })
-        .collect::<Result<_, _>>()?;
+    let context = parse_context(&args.context)?;
     let request = pb::AuthorizeRequest {
         agent_assertion: identity.assertion(&client).await?,
         delegation_id: args.delegation,
@@ -531,6 +523,77 @@ pub async fn authorize(args: AuthorizeArgs) -> Result<(), Failure> {
         }
     }
     print(&decision_json(&r), args.connection.json);
+    Ok(())
+}
+
+/// `--context key=value` arguments as a map.
+fn parse_context(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    pairs
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Failure(format!("--context {kv:?}: expected key=value")))
+        })
+        .collect()
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The acting agent (the delegation's holder).
+    #[arg(long)]
+    agent: String,
+    #[arg(long)]
+    delegation: String,
+    #[arg(long)]
+    action: String,
+    #[arg(long)]
+    resource: String,
+    /// Request context, key=value (repeatable).
+    #[arg(long = "context")]
+    context: Vec<String>,
+    /// Decide from this node's applied state, with no round trip to the leader.
+    #[arg(long)]
+    stale: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `mandate check`: what an authorization would decide now, issuing nothing (operator token).
+pub async fn check(args: CheckArgs) -> Result<(), Failure> {
+    let client = args.connection.client()?;
+    let request = pb::CheckRequest {
+        items: vec![pb::CheckItem {
+            agent: args.agent,
+            delegation_id: args.delegation,
+            action: args.action,
+            resource: args.resource,
+            context: parse_context(&args.context)?,
+        }],
+        read: args.stale.then_some(pb::ReadOptions {
+            consistency: pb::ReadConsistency::Stale as i32,
+            min_applied_index: 0,
+        }),
+    };
+    let r = client
+        .authz(|mut c| {
+            let r = request.clone();
+            async move { c.check(r).await }
+        })
+        .await?;
+    let result = r
+        .results
+        .first()
+        .ok_or_else(|| Failure("the node returned no decision".into()))?;
+    print(
+        &json!({
+            "decision": mandate_core::audit::decision_name(result.decision),
+            "reasons": result.reasons,
+            "policy_ids": result.policy_ids,
+            "applied_index": r.applied_index,
+        }),
+        args.connection.json,
+    );
     Ok(())
 }
 
@@ -950,6 +1013,36 @@ pub async fn trust_new_issuer(
 }
 
 /// Stores (or replaces) a policy document.
+/// Registers an agent; returns its record.
+pub async fn register_agent(
+    client: &Client,
+    request: pb::RegisterAgentRequest,
+) -> Result<pb::Agent, Failure> {
+    client
+        .registry(|mut c| {
+            let r = request.clone();
+            async move { c.register(r).await }
+        })
+        .await?
+        .agent
+        .ok_or_else(|| Failure("no agent returned".into()))
+}
+
+/// Creates a delegation; returns its record.
+pub async fn create_delegation(
+    client: &Client,
+    request: pb::CreateDelegationRequest,
+) -> Result<pb::Delegation, Failure> {
+    client
+        .authz(|mut c| {
+            let r = request.clone();
+            async move { c.create_delegation(r).await }
+        })
+        .await?
+        .delegation
+        .ok_or_else(|| Failure("no delegation returned".into()))
+}
+
 pub async fn put_policy(client: &Client, name: &str, text: &str) -> Result<(), Failure> {
     let policy = pb::PutPolicyRequest {
         name: name.into(),

@@ -13,6 +13,7 @@ mod evaluate;
 mod failover;
 mod load;
 mod plot;
+mod scale;
 mod workloads;
 
 use std::path::PathBuf;
@@ -109,6 +110,9 @@ enum BenchSub {
     /// SIGKILL the leader under authorize load and measure how soon writes resume (needs
     /// `--start-cluster`).
     Failover(failover::FailoverArgs),
+    /// Authorize latency empty and after loading agents, delegations and live grants; memory
+    /// per node; restart time of a node from its own data (starts its own 3-node cluster).
+    Scale(scale::ScaleArgs),
     /// In-process decision evaluations (chain check + ceiling + Cedar) on one core; needs no
     /// cluster.
     Evaluate {
@@ -292,6 +296,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
             return Ok(());
         }
         BenchSub::Failover(args) => return failover::run(&cmd.connection, args).await,
+        BenchSub::Scale(args) => return scale::run(&cmd.connection, args).await,
         BenchSub::Etcd { sweep, etcd } => {
             let plan = sweep.sweep()?;
             let cluster = etcd::Etcd::connect_or_start(&etcd).await?;

@@ -5,7 +5,9 @@
 use clap::Args;
 use mandate_client::{pb, ClientError};
 
-use crate::authz_cli::{decision_json, put_policy, trust_new_issuer};
+use crate::authz_cli::{
+    create_delegation, decision_json, put_policy, register_agent, trust_new_issuer,
+};
 use crate::identity::{self, agent_assertion};
 use crate::{Connection, Failure};
 
@@ -64,14 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         ceiling: CEILING.into(),
         ..Default::default()
     };
-    let agent = client
-        .registry(|mut c| {
-            let r = register.clone();
-            async move { c.register(r).await }
-        })
-        .await?
-        .agent
-        .ok_or_else(|| Failure("no agent returned".into()))?;
+    let agent = register_agent(&client, register).await?;
     println!("    agent {} ({})", agent.id, agent.name);
 
     step(3, "Store the secret secret/team-a/db-password");
@@ -102,14 +97,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         approval_actions: vec!["delete".into()],
         ..Default::default()
     };
-    let delegation = client
-        .authz(|mut c| {
-            let r = delegate.clone();
-            async move { c.create_delegation(r).await }
-        })
-        .await?
-        .delegation
-        .ok_or_else(|| Failure("no delegation returned".into()))?;
+    let delegation = create_delegation(&client, delegate).await?;
     println!(
         "    delegation {} ({} → {})",
         delegation.id, delegation.user, delegation.agent

@@ -351,6 +351,14 @@ impl LocalCluster {
             .ok_or_else(|| Failure(format!("there is no running node {id}")))
     }
 
+    /// Each running node's id and process id.
+    pub fn pids(&self) -> Vec<(u64, u32)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.id, n.child.id()?)))
+            .collect()
+    }
+
     /// SIGKILLs node `id` and waits for it to exit.
     pub async fn kill(&mut self, id: u64) -> Result<(), Failure> {
         let node = self.node(id)?;

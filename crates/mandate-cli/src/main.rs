@@ -51,6 +51,9 @@ enum Command {
     Delegate(authz_cli::DelegateCommand),
     /// As an agent, ask to do one thing now; on allow, receive a grant token.
     Authorize(authz_cli::AuthorizeArgs),
+    /// What an authorization would decide now, issuing nothing (operator token; for resource
+    /// servers and gateways).
+    Check(authz_cli::CheckArgs),
     /// As a user, list, approve and deny pending authorizations.
     Approval(authz_cli::ApprovalCommand),
     /// Consume, complete, revoke and introspect grants.
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
             Command::Policy(c) => authz_cli::policy(c).await,
             Command::Delegate(c) => authz_cli::delegate(c).await,
             Command::Authorize(c) => authz_cli::authorize(c).await,
+            Command::Check(c) => authz_cli::check(c).await,
             Command::Approval(c) => authz_cli::approval(c).await,
             Command::Grant(c) => authz_cli::grant(c).await,
             Command::Secret(c) => authz_cli::secret(c).await,

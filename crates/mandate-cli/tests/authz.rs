@@ -322,6 +322,23 @@ fn check_decides_as_authorize_would_issues_nothing_and_sees_a_revocation_on_ever
             .expect("a stale check answers");
         assert_eq!(again.results[0].decision, allow);
     }
+    let cli = |extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            "--agent",
+            &world.agent_id,
+            "--delegation",
+            &delegation,
+            "--action",
+            "read",
+            "--resource",
+            "secret/team-a/x",
+        ];
+        args.extend(extra);
+        c.json(&c.addrs.join(","), &args)
+    };
+    assert_eq!(cli(&[])["decision"], "allow");
+    assert_eq!(cli(&["--stale"])["decision"], "allow");
     let after = c.json(&c.addrs[0], &["cluster", "status"]);
     assert_eq!(
         before["members"][0]["last_log_index"], after["members"][0]["last_log_index"],
@@ -349,6 +366,11 @@ fn check_decides_as_authorize_would_issues_nothing_and_sees_a_revocation_on_ever
             r.results
         );
     }
+    let denied = cli(&[]);
+    assert_eq!(denied["decision"], "deny");
+    assert!(denied["reasons"][0]
+        .as_str()
+        .is_some_and(|r| r.contains("revoked")));
 }
 
 #[test]

@@ -44,7 +44,10 @@ impl Default for RaftTiming {
             heartbeat_ms: 100,
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
-            snapshot_logs_since_last: 10_000,
+            // A snapshot copies the whole state (hundreds of MB at a million delegations), so
+            // it is taken as rarely as etcd's default `--snapshot-count`; the state itself is
+            // persistent, so a restart never replays from the snapshot.
+            snapshot_logs_since_last: 100_000,
             logs_kept_after_snapshot: 1_000,
             install_snapshot_timeout_ms: 60_000,
         }

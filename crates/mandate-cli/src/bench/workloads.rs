@@ -73,6 +73,8 @@ pub struct World {
     /// Live grant tokens to introspect.
     pub tokens: Vec<String>,
     pub verifier: Option<Verifier>,
+    /// Lifetime the authorize workloads ask for (0: the cluster's default).
+    pub grant_ttl_s: u64,
 }
 
 const BENCH_POLICY: &str = r#"
@@ -97,14 +99,7 @@ async fn agent_world(client: &Client, run: &str) -> Result<AgentWorld, Failure> 
         public_keys: vec![identity::public_jwk(&key.verifying_key())],
         ..Default::default()
     };
-    let agent = client
-        .registry(|mut c| {
-            let r = register.clone();
-            async move { c.register(r).await }
-        })
-        .await?
-        .agent
-        .ok_or_else(|| Failure("no agent returned".into()))?;
+    let agent = crate::authz_cli::register_agent(client, register).await?;
     let user_token = identity::user_token(&idp, &issuer, "mandate", "bench-user", 24 * 3600)?;
     let delegate = pb::CreateDelegationRequest {
         user_token: user_token.clone(),
@@ -114,14 +109,7 @@ async fn agent_world(client: &Client, run: &str) -> Result<AgentWorld, Failure> 
         ttl_seconds: 24 * 3600,
         ..Default::default()
     };
-    let delegation = client
-        .authz(|mut c| {
-            let r = delegate.clone();
-            async move { c.create_delegation(r).await }
-        })
-        .await?
-        .delegation
-        .ok_or_else(|| Failure("no delegation returned".into()))?;
+    let delegation = crate::authz_cli::create_delegation(client, delegate).await?;
     Ok(AgentWorld {
         agent_id: agent.id,
         key,
@@ -198,6 +186,7 @@ impl World {
             agent: None,
             tokens: Vec::new(),
             verifier: None,
+            grant_ttl_s: 0,
         };
         if matches!(workload, Workload::Register) {
             return Ok(world);

@@ -1,0 +1,212 @@
+//! `mandate bench scale`: authorize latency on an empty cluster, then again after loading it
+//! with agents, delegations and live grants; each node's resident memory; and how long a node
+//! takes to restart from its own data and catch up. Needs a cluster the bench starts.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use mandate_client::pb;
+use serde_json::{json, Value};
+
+use super::load::{self, Budget, Sweep};
+use super::workloads::{Workload, World};
+use super::{human_line, Target, BENCH_CLIENTS_MAX};
+use crate::output::print;
+use crate::{Connection, Failure};
+
+#[derive(Args, Debug)]
+pub struct ScaleArgs {
+    #[arg(long, default_value_t = 100_000)]
+    agents: u64,
+    #[arg(long, default_value_t = 1_000_000)]
+    delegations: u64,
+    /// Live grants (each lives for the longest lifetime, 15 minutes, so loading must finish
+    /// well within that).
+    #[arg(long, default_value_t = 1_000_000)]
+    grants: u64,
+    /// Clients that load the cluster.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Length of each authorize measurement, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+}
+
+/// How long a restarted node may take to catch up before the bench gives up on it.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
+/// Lifetime of the loaded grants: the longest there is.
+const LOADED_GRANT_TTL_S: u64 = mandate_core::authz::GRANT_TTL_MS_MAX / 1000;
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn measure_authorize(
+    connection: &Connection,
+    world: &Arc<World>,
+    duration: Duration,
+    json_out: bool,
+) -> Result<Vec<Value>, Failure> {
+    let mut out = Vec::new();
+    for clients in [1, 64] {
+        let sweep = Sweep {
+            clients: vec![clients],
+            budget: Budget::Time(duration),
+            warmup: Duration::from_secs(2),
+        };
+        let p = load::phase(connection, &Workload::Authorize, world, clients, &sweep).await?;
+        if !json_out {
+            println!("{}", human_line(&p));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+async fn fill(
+    connection: &Connection,
+    workload: Workload,
+    count: u64,
+    clients: usize,
+    grant_ttl_s: u64,
+    json_out: bool,
+) -> Result<Value, Failure> {
+    let mut world = World::create(connection, &workload).await?;
+    world.grant_ttl_s = grant_ttl_s;
+    let sweep = Sweep {
+        clients: vec![clients],
+        budget: Budget::Count(count),
+        warmup: Duration::ZERO,
+    };
+    let p = load::phase(connection, &workload, &Arc::new(world), clients, &sweep).await?;
+    if !json_out {
+        println!("{}", human_line(&p));
+    }
+    Ok(p)
+}
+
+async fn applied_index(connection: &Connection, addr: &str) -> Result<(u64, u64), Failure> {
+    let client = connection.client_at(&[addr.to_owned()])?;
+    let r = client
+        .cluster(|mut c| async move { c.node_status(pb::StatusRequest {}).await })
+        .await?;
+    Ok((r.leader, r.status.map_or(0, |s| s.applied_index)))
+}
+
+pub async fn run(connection: &Connection, args: ScaleArgs) -> Result<(), Failure> {
+    if args.clients == 0 || args.clients > BENCH_CLIENTS_MAX || args.duration_secs == 0 {
+        return Err(Failure(format!(
+            "--clients is 1 to {BENCH_CLIENTS_MAX} and --duration-secs at least 1"
+        )));
+    }
+    let mut target = Target::new(connection, Some(3)).await?;
+    let result = measure(&mut target, &args, connection.json).await;
+    target.stop().await;
+    print(&result?, connection.json);
+    Ok(())
+}
+
+async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Result<Value, Failure> {
+    let connection = target.connection.clone();
+    let duration = Duration::from_secs(args.duration_secs);
+    let world = Arc::new(World::create(&connection, &Workload::Authorize).await?);
+    let empty = measure_authorize(&connection, &world, duration, json_out).await?;
+
+    let started = Instant::now();
+    let mut filled = Vec::new();
+    for (workload, count, ttl) in [
+        (Workload::Register, args.agents, 0),
+        (Workload::Delegate, args.delegations, 0),
+        (Workload::Authorize, args.grants, LOADED_GRANT_TTL_S),
+    ] {
+        if count > 0 {
+            filled.push(fill(&connection, workload, count, args.clients, ttl, json_out).await?);
+        }
+    }
+    let load_s = started.elapsed().as_secs_f64();
+    let loaded = measure_authorize(&connection, &world, duration, json_out).await?;
+
+    let cluster = target
+        .cluster
+        .as_mut()
+        .map(|(c, _)| c)
+        .ok_or_else(|| Failure("scale needs a cluster the bench started".into()))?;
+    let rss: Vec<Value> = cluster
+        .pids()
+        .into_iter()
+        .map(|(id, pid)| json!({ "node": id, "rss_mib": rss_mib(pid) }))
+        .collect();
+    let disk_mib = dir_bytes(&cluster.dir) as f64 / (1024.0 * 1024.0);
+
+    // Restart a follower from its own data: from the new process to its having applied what
+    // the cluster had committed when it stopped.
+    let (leader, _) = applied_index(&connection, &cluster.addrs[0]).await?;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap_or(1);
+    let addr = cluster.addrs[usize::try_from(follower - 1).unwrap_or(0)].clone();
+    let (_, before) = applied_index(&connection, &addr).await?;
+    cluster.kill(follower).await?;
+    let restarted = Instant::now();
+    cluster.restart(follower).await?;
+    let listening_s = restarted.elapsed().as_secs_f64();
+    loop {
+        if let Ok((l, applied)) = applied_index(&connection, &addr).await {
+            if l != 0 && applied >= before {
+                break;
+            }
+        }
+        if restarted.elapsed() > RESTART_TIMEOUT {
+            return Err(Failure(format!(
+                "node {follower} did not catch up within {} s of restarting",
+                RESTART_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready_s = restarted.elapsed().as_secs_f64();
+    let p99 = |v: &[Value], i: usize| v[i]["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "agents": args.agents,
+        "delegations": args.delegations,
+        "grants": args.grants,
+        "load_seconds": load_s,
+        "fill": filled,
+        "authorize_empty": empty,
+        "authorize_loaded": loaded,
+        "p99_loaded_over_empty": {
+            "1_client": p99(&loaded, 0) / p99(&empty, 0).max(1e-9),
+            "64_clients": p99(&loaded, 1) / p99(&empty, 1).max(1e-9),
+        },
+        "rss": rss,
+        "data_dir_mib": disk_mib,
+        "restart": {
+            "node": follower,
+            "listening_s": listening_s,
+            "caught_up_s": ready_s,
+            "applied_index_before": before,
+        },
+    }))
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
