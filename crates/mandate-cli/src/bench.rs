@@ -157,7 +157,8 @@ impl SweepArgs {
     }
 }
 
-/// A temporary directory removed when dropped.
+/// A temporary directory removed when dropped, unless `MANDATE_BENCH_KEEP` is set (then its
+/// path is printed, for the nodes' logs).
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -173,7 +174,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("MANDATE_BENCH_KEEP").is_some() {
+            eprintln!("mandate bench: kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

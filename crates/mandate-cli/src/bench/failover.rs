@@ -45,6 +45,16 @@ async fn leader(connection: &Connection) -> Result<u64, Failure> {
     }
 }
 
+/// Wall-clock time of `at`, in Unix milliseconds, to find a kill in the nodes' logs.
+fn since_epoch_ms(at: Instant) -> u128 {
+    let now = std::time::SystemTime::now();
+    let then = now
+        .checked_sub(at.elapsed())
+        .unwrap_or(std::time::UNIX_EPOCH);
+    then.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -144,7 +154,12 @@ async fn measure(target: &mut Target, args: &FailoverArgs) -> Result<Value, Fail
         if let Some(ms) = resume_ms {
             resumes.push(ms);
         }
-        rows.push(json!({ "killed": id, "resume_ms": resume_ms, "failed_requests": failed }));
+        rows.push(json!({
+            "killed": id,
+            "killed_at_ms": since_epoch_ms(*at),
+            "resume_ms": resume_ms,
+            "failed_requests": failed,
+        }));
     }
     let succeeded = ops.iter().filter(|(_, _, ok)| *ok).count();
     Ok(json!({
