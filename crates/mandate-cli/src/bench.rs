@@ -283,6 +283,14 @@ async fn swept(
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Failure> {
+    // Ctrl-C drops the run: clusters it started are killed and their directories removed.
+    tokio::select! {
+        result = dispatch(cmd) => result,
+        _ = tokio::signal::ctrl_c() => Err(Failure("interrupted".into())),
+    }
+}
+
+async fn dispatch(cmd: BenchCommand) -> Result<(), Failure> {
     let json_out = cmd.connection.json;
     let (workload, sweep) = match cmd.command {
         BenchSub::Evaluate { iterations } => return evaluate::run(iterations, json_out),

@@ -140,7 +140,9 @@ async fn spawn_node(dir: &Path, config: &NodeConfig) -> Result<Child, Failure> {
         .append(true)
         .open(node_dir.join("node.log"))?;
     let exe = std::env::current_exe()?;
+    // A cluster dropped without `stop` (an error, an interrupted bench) takes its nodes along.
     let child = Command::new(exe)
+        .kill_on_drop(true)
         .arg("server")
         .arg("--config")
         .arg(&config_path)
