@@ -1012,7 +1012,6 @@ pub async fn trust_new_issuer(
     Ok((key, issuer))
 }
 
-/// Stores (or replaces) a policy document.
 /// Registers an agent; returns its record.
 pub async fn register_agent(
     client: &Client,
@@ -1043,6 +1042,7 @@ pub async fn create_delegation(
         .ok_or_else(|| Failure("no delegation returned".into()))
 }
 
+/// Stores (or replaces) a policy document.
 pub async fn put_policy(client: &Client, name: &str, text: &str) -> Result<(), Failure> {
     let policy = pb::PutPolicyRequest {
         name: name.into(),

@@ -265,15 +265,14 @@ fn report(
 async fn swept(
     target: &Target,
     workload: Workload,
-    sweep: &SweepArgs,
+    plan: &Sweep,
     json_out: bool,
 ) -> Result<Vec<Value>, Failure> {
-    let plan = sweep.sweep()?;
     let world = workloads::World::create(&target.connection, &workload).await?;
     let world = Arc::new(world);
     let mut phases = Vec::new();
     for clients in &plan.clients {
-        let phase = load::phase(&target.connection, &workload, &world, *clients, &plan).await?;
+        let phase = load::phase(&target.connection, &workload, &world, *clients, plan).await?;
         if !json_out {
             println!("{}", human_line(&phase));
         }
@@ -344,9 +343,9 @@ async fn dispatch(cmd: BenchCommand) -> Result<(), Failure> {
         BenchSub::Verify(s) => (Workload::Verify, s),
         BenchSub::AuditLag(s) => (Workload::AuditLag, s),
     };
-    sweep.sweep()?;
+    let plan = sweep.sweep()?;
     let target = Target::new(&cmd.connection, sweep.start_cluster).await?;
-    let result = swept(&target, workload, &sweep, json_out).await;
+    let result = swept(&target, workload, &plan, json_out).await;
     target.stop().await;
     let phases = result?;
     let rate = |p: &Value| p["per_second"].as_f64().unwrap_or(0.0);
