@@ -75,7 +75,7 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("mandate-fsync".into())
             .spawn(move || run(db, db_file, rx))
-            .map_err(|e| OpenError::io(db_dir, e))?;
+            .map_err(|e| OpenError::Thread("mandate-fsync", e))?;
         Ok(Syncer {
             inner: Arc::new(Inner {
                 tx: Some(tx),
@@ -83,6 +83,12 @@ impl Syncer {
                 inline: None,
             }),
         })
+    }
+
+    /// Whether syncs run on the caller's thread ([`SyncMode::Inline`]): then the node must not
+    /// start threads of its own either.
+    pub fn is_inline(&self) -> bool {
+        self.inner.inline.is_some()
     }
 
     /// Calls `done` once everything written before this call is durable.

@@ -12,6 +12,8 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, #[source] std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

@@ -14,6 +14,7 @@
 // type so that errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
+mod cut;
 pub mod durability;
 pub mod error;
 pub mod log_store;

@@ -3,9 +3,15 @@
 //! Entries live in the `raft-log` tree keyed by big-endian index, encoded with bincode (openraft's
 //! envelope; the payload inside is protobuf). The vote, the committed log id and the last purged
 //! log id live in `raft-meta`.
+//!
+//! A purge records its point durably and returns; the entries below it are deleted afterwards,
+//! off the raft core's path (purging the 100,000 entries before a snapshot used to stall it).
+//! Until they are gone, reads and the log state ignore them.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
@@ -19,6 +25,8 @@ use crate::types::{NodeId, TypeConfig};
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last-purged";
+/// Log entries deleted in one sled batch by the background purge.
+const PURGE_CHUNK: u64 = 4096;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -28,6 +36,54 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     syncer: Syncer,
+    /// One past the last purged index (0: nothing purged); entries below it are not read.
+    first_kept: Arc<AtomicU64>,
+    purger: Arc<Purger>,
+}
+
+/// The thread that deletes purged entries; `None` parts when syncs run inline. Dropping the
+/// last handle lets it finish its queue and joins it, releasing the database.
+struct Purger {
+    tx: Option<mpsc::Sender<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Purger {
+    fn start(log: &sled::Tree, inline: bool) -> Result<Self, std::io::Error> {
+        if inline {
+            return Ok(Purger {
+                tx: None,
+                thread: None,
+            });
+        }
+        let (tx, rx) = mpsc::channel::<u64>();
+        let log = log.clone();
+        let thread = std::thread::Builder::new()
+            .name("mandate-purge".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let index = rx.try_iter().fold(first, u64::max);
+                    if let Err(e) = delete_entries_through(&log, index) {
+                        tracing::error!(error = %e, index, "deleting purged log entries failed");
+                    }
+                }
+            })?;
+        Ok(Purger {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Purger {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the log purge thread panicked");
+            }
+        }
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AnyError> {
@@ -48,11 +104,38 @@ impl LogStore {
             db.open_tree(name)
                 .map_err(|e| OpenError::Sled(format!("tree {name}"), e))
         };
-        Ok(LogStore {
-            log: open("raft-log")?,
+        let log = open("raft-log")?;
+        let purger = Purger::start(&log, syncer.is_inline())
+            .map_err(|e| OpenError::Thread("mandate-purge", e))?;
+        let mut store = LogStore {
+            log,
             meta: open("raft-meta")?,
             syncer,
-        })
+            first_kept: Arc::default(),
+            purger: Arc::new(purger),
+        };
+        let purged: Option<LogId<NodeId>> = store
+            .read_meta(LAST_PURGED, StorageIOError::read_logs)
+            .map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        if let Some(purged) = purged {
+            store.first_kept = Arc::new(AtomicU64::new(purged.index + 1));
+            // A crash may have left entries below the purge point; finish deleting them.
+            store.delete_through(purged.index);
+        }
+        Ok(store)
+    }
+
+    /// Deletes the entries up to `index`, on the purge thread unless syncs run inline.
+    fn delete_through(&self, index: u64) {
+        let queued = match &self.purger.tx {
+            Some(tx) => tx.send(index).is_ok(),
+            None => false,
+        };
+        if !queued {
+            if let Err(e) = delete_entries_through(&self.log, index) {
+                tracing::error!(error = %e, index, "deleting purged log entries failed");
+            }
+        }
     }
 
     fn read_meta<T: DeserializeOwned>(
@@ -80,6 +163,27 @@ impl LogStore {
     }
 }
 
+/// Deletes every entry at or below `index`, a chunk of keys per batch, without reading them.
+fn delete_entries_through(log: &sled::Tree, index: u64) -> sled::Result<()> {
+    let Some((first, _)) = log.first()? else {
+        return Ok(());
+    };
+    let Ok(first) = <[u8; 8]>::try_from(first.as_ref()).map(u64::from_be_bytes) else {
+        return Err(sled::Error::Unsupported("a log key is not 8 bytes".into()));
+    };
+    let mut from = first;
+    while from <= index {
+        let to = index.min(from.saturating_add(PURGE_CHUNK - 1));
+        let mut batch = sled::Batch::default();
+        for i in from..=to {
+            batch.remove(&index_key(i));
+        }
+        log.apply_batch(batch)?;
+        from = to + 1;
+    }
+    Ok(())
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -89,7 +193,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             std::ops::Bound::Included(i) => *i,
             std::ops::Bound::Excluded(i) => *i + 1,
             std::ops::Bound::Unbounded => 0,
-        };
+        }
+        .max(self.first_kept.load(Ordering::Acquire));
         let mut entries = Vec::new();
         for item in self.log.range(index_key(start)..) {
             let (key, value) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
@@ -127,12 +232,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .log
             .last()
             .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
-        let last_log_id = match last {
+        let last_entry = match last {
             Some((_, value)) => {
                 let entry: Entry<TypeConfig> = decode(&value).map_err(StorageIOError::read_logs)?;
                 Some(entry.log_id)
             }
-            None => last_purged_log_id,
+            None => None,
+        };
+        // Entries at or below the purge point may still await deletion: they do not count.
+        let last_log_id = match (last_entry, last_purged_log_id) {
+            (Some(entry), Some(purged)) if entry.index <= purged.index => Some(purged),
+            (None, purged) => purged,
+            (entry, _) => entry,
         };
         Ok(LogState {
             last_purged_log_id,
@@ -208,13 +319,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .sync()
             .await
             .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (key, _) = item.map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-            batch.remove(key);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+        self.first_kept
+            .fetch_max(log_id.index + 1, Ordering::AcqRel);
+        self.delete_through(log_id.index);
+        Ok(())
     }
 }

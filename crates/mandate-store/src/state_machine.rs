@@ -3,13 +3,15 @@
 //! `apply` decodes each entry's command batch, runs `mandate_core::apply::apply_batch` over an
 //! overlay of the `state` tree, and writes the overlay, the applied log id and the membership in
 //! one atomic sled batch. Readers use a [`StateView`], which sees only whole batches.
+//!
+//! A snapshot is a [`cut`](crate::cut) of the tree at the applied index, opened between two
+//! applies and read on a blocking thread while apply goes on.
 
 use std::io::Cursor;
 use std::path::Path;
 
 use mandate_core::state::{KeyValue, Overlay, StateRead};
 use mandate_core::{keys, StorageFault};
-use mandate_proto::v1 as pb;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
@@ -17,6 +19,7 @@ use openraft::{
 };
 use tokio::sync::watch;
 
+use crate::cut::{CutReader, Cuts};
 use crate::durability::Syncer;
 use crate::error::OpenError;
 use crate::snapshot::{self, SnapshotDir};
@@ -26,6 +29,8 @@ use crate::types::{BatchOutcome, Member, NodeId, TypeConfig};
 const APPLIED: &[u8] = b"\x00applied";
 /// Storage-owned key: the last membership applied (bincode).
 const MEMBERSHIP: &[u8] = b"\x00membership";
+/// Entries a snapshot reader takes from the tree at a time (apply waits at most for one chunk).
+const CUT_CHUNK: usize = 1024;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
@@ -103,6 +108,7 @@ pub struct StateMachine {
     snapshots: SnapshotDir,
     applied_tx: watch::Sender<u64>,
     view: StateView,
+    cuts: Cuts,
 }
 
 fn bincode_get<T: serde::de::DeserializeOwned>(
@@ -152,6 +158,7 @@ impl StateMachine {
             snapshots,
             applied_tx,
             view,
+            cuts: Cuts::default(),
         })
     }
 
@@ -169,14 +176,16 @@ impl StateMachine {
         Ok((applied, membership))
     }
 
-    fn collect_entries(&self) -> StorageResult<Vec<pb::StateEntry>> {
-        self.view
-            .scan(b"", b"")
-            .map(|item| {
-                item.map(|(key, value)| pb::StateEntry { key, value })
-                    .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)).into())
-            })
-            .collect()
+    /// Writes `batch`, which touches `keys`, after saving what open snapshot cuts need.
+    fn write<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k [u8]>,
+        batch: sled::Batch,
+    ) -> StorageResult<()> {
+        self.cuts
+            .before_write(&self.tree, keys)
+            .and_then(|()| self.tree.apply_batch(batch))
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)).into())
     }
 }
 
@@ -229,35 +238,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = last else {
             return Ok(outcomes);
         };
+        let writes = overlay.into_writes();
         let mut batch = sled::Batch::default();
-        for (key, value) in overlay.into_writes() {
+        for (key, value) in &writes {
             assert!(
                 !key.starts_with(keys::STORAGE_PREFIX),
                 "the domain wrote a storage-owned key"
             );
             match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
+                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+                None => batch.remove(key.as_slice()),
             }
         }
         bincode_put(&mut batch, APPLIED, &last).map_err(StorageIOError::write_state_machine)?;
         bincode_put(&mut batch, MEMBERSHIP, &membership)
             .map_err(StorageIOError::write_state_machine)?;
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        let touched = writes
+            .keys()
+            .map(Vec::as_slice)
+            .chain([APPLIED, MEMBERSHIP]);
+        self.write(touched, batch)?;
         self.applied_tx.send_replace(last.index);
         Ok(outcomes)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Copy the state now, while apply cannot run, so the snapshot is one consistent cut.
+        // Open the cut now, while apply cannot run; the builder reads it while apply goes on.
         let cut = self
             .read_applied()
-            .and_then(|(applied, membership)| Ok((applied, membership, self.collect_entries()?)));
+            .map(|(applied, membership)| (applied, membership, self.cuts.begin(&self.tree)));
         SnapshotBuilder {
             cut: Some(cut),
             snapshots: self.snapshots.clone(),
+            on_this_thread: self.syncer.is_inline(),
         }
     }
 
@@ -278,11 +291,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = sled::Batch::default();
         let keep: std::collections::BTreeSet<&[u8]> =
             entries.iter().map(|e| e.key.as_slice()).collect();
+        let mut removed = Vec::new();
         for item in self.tree.iter() {
             let (key, _) =
                 item.map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
             if !keep.contains(key.as_ref()) {
-                batch.remove(key);
+                batch.remove(key.clone());
+                removed.push(key);
             }
         }
         for entry in &entries {
@@ -295,9 +310,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         bincode_put(&mut batch, MEMBERSHIP, &meta.last_membership)
             .map_err(StorageIOError::write_state_machine)?;
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        let touched = removed
+            .iter()
+            .map(|k| k.as_ref())
+            .chain(keep.iter().copied())
+            .chain([APPLIED, MEMBERSHIP]);
+        self.write(touched, batch)?;
         self.syncer
             .sync()
             .await
@@ -333,17 +351,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-type Cut = StorageResult<(Option<LogId<NodeId>>, Membership, Vec<pb::StateEntry>)>;
+type Cut = StorageResult<(Option<LogId<NodeId>>, Membership, CutReader)>;
 
-/// Builds a snapshot from the cut taken when it was created.
+/// Builds a snapshot from the cut opened when it was created.
 pub struct SnapshotBuilder {
     cut: Option<Cut>,
     snapshots: SnapshotDir,
+    /// Read the cut on the calling thread (the deterministic simulation starts no threads).
+    on_this_thread: bool,
+}
+
+/// Reads a whole cut into an encoded snapshot body and stores it as the node's snapshot.
+fn write_cut(
+    meta: &snapshot::Meta,
+    mut reader: CutReader,
+    snapshots: &SnapshotDir,
+) -> Result<(Vec<u8>, usize), AnyError> {
+    let mut encoder = snapshot::Encoder::new(meta).map_err(AnyError::error)?;
+    while let Some(chunk) = reader
+        .next_chunk(CUT_CHUNK)
+        .map_err(|e| AnyError::new(&e))?
+    {
+        for (key, value) in chunk {
+            encoder.push(key, value);
+        }
+    }
+    let entries = encoder.entries();
+    let bytes = encoder.finish();
+    snapshots.store(&bytes).map_err(|e| AnyError::new(&e))?;
+    Ok((bytes, entries))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (applied, membership, entries) = self.cut.take().unwrap_or_else(|| {
+        let (applied, membership, reader) = self.cut.take().unwrap_or_else(|| {
             Err(
                 StorageIOError::read_state_machine(AnyError::error("snapshot builder used twice"))
                     .into(),
@@ -358,13 +399,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
-        let bytes = snapshot::encode(&meta, entries).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::error(e))
-        })?;
-        self.snapshots.store(&bytes).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
-        })?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
+        let written = if self.on_this_thread {
+            write_cut(&meta, reader, &self.snapshots)
+        } else {
+            let (cut_meta, snapshots) = (meta.clone(), self.snapshots.clone());
+            tokio::task::spawn_blocking(move || write_cut(&cut_meta, reader, &snapshots))
+                .await
+                .unwrap_or_else(|e| Err(AnyError::new(&e)))
+        };
+        let (bytes, entries) =
+            written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            entries,
+            bytes = bytes.len(),
+            "built a snapshot"
+        );
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),

@@ -2,7 +2,7 @@
 
 use mandate_proto::v1 as pb;
 use mandate_store::{Batch, LogStore, StateMachine, TypeConfig};
-use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError};
 use tempfile::TempDir;
@@ -150,4 +150,69 @@ fn a_reopened_store_keeps_its_log_vote_state_and_snapshot() {
             .expect("a snapshot");
         assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
     });
+}
+
+#[test]
+fn a_snapshot_holds_the_state_at_its_cut_though_entries_apply_while_it_is_built() {
+    runtime().block_on(async {
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_log_a, mut sm_a) = mandate_store::open(dir_a.path()).expect("open a");
+        let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("open b");
+        sm_a.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, (1..=50).map(register).collect()),
+        ])
+        .await
+        .expect("apply a");
+        let at_cut = sm_a.view().dump().expect("dump at the cut");
+        let mut builder = sm_a.get_snapshot_builder().await;
+        sm_a.apply(vec![entry(3, (51..=60).map(register).collect())])
+            .await
+            .expect("apply while the snapshot is built");
+        let snapshot = builder.build_snapshot().await.expect("build");
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
+        sm_b.install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .expect("install");
+        assert_eq!(sm_b.view().dump().expect("dump b"), at_cut);
+        assert_eq!(sm_a.view().applied_index(), 3);
+    });
+}
+
+#[test]
+fn purged_entries_are_gone_from_disk_once_the_store_closes_and_stay_unread_until_then() {
+    let dir = tempfile::tempdir().expect("dir");
+    runtime().block_on(async {
+        let (mut log, _sm) = mandate_store::open(dir.path()).expect("open");
+        let entries: Vec<_> = (1..=10).map(|i| entry(i, vec![register(i)])).collect();
+        log.blocking_append(entries).await.expect("append");
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 6))
+            .await
+            .expect("purge");
+        let kept = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(
+            kept.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![7, 8, 9, 10]
+        );
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(6));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(10));
+    });
+    // Closing the store waits for the purge thread; what is on disk is what was kept.
+    let db = sled::Config::new()
+        .path(dir.path().join("db"))
+        .segment_size(mandate_store::durability::SEGMENT_BYTES)
+        .open()
+        .expect("reopen sled");
+    let on_disk: Vec<u64> = db
+        .open_tree("raft-log")
+        .expect("tree")
+        .iter()
+        .keys()
+        .map(|k| u64::from_be_bytes(k.expect("key").as_ref().try_into().expect("8 bytes")))
+        .collect();
+    assert_eq!(on_disk, vec![7, 8, 9, 10]);
 }
