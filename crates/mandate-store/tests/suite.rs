@@ -63,15 +63,18 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("tokio runtime")
 }
 
+/// A fresh store's state machine, with what must outlive it.
+fn store() -> ((LogStore, TempDir), StateMachine) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (log, sm) = mandate_store::open(dir.path()).expect("open store");
+    ((log, dir), sm)
+}
+
 #[test]
 fn a_snapshot_installed_elsewhere_plus_the_log_tail_rebuilds_the_same_state() {
     runtime().block_on(async {
-        let (dir_a, dir_b) = (
-            tempfile::tempdir().expect("dir"),
-            tempfile::tempdir().expect("dir"),
-        );
-        let (_log_a, mut sm_a) = mandate_store::open(dir_a.path()).expect("open a");
-        let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("open b");
+        let (_a, mut sm_a) = store();
+        let (_b, mut sm_b) = store();
         // B starts with stale keys that the snapshot must clear.
         sm_b.apply(vec![entry(1, vec![bootstrap(), register(99)])])
             .await
@@ -155,12 +158,8 @@ fn a_reopened_store_keeps_its_log_vote_state_and_snapshot() {
 #[test]
 fn a_snapshot_holds_the_state_at_its_cut_though_entries_apply_while_it_is_built() {
     runtime().block_on(async {
-        let (dir_a, dir_b) = (
-            tempfile::tempdir().expect("dir"),
-            tempfile::tempdir().expect("dir"),
-        );
-        let (_log_a, mut sm_a) = mandate_store::open(dir_a.path()).expect("open a");
-        let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("open b");
+        let (_a, mut sm_a) = store();
+        let (_b, mut sm_b) = store();
         sm_a.apply(vec![
             entry(1, vec![bootstrap()]),
             entry(2, (1..=50).map(register).collect()),
