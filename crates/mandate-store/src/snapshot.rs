@@ -4,9 +4,10 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use mandate_proto::v1 as pb;
-use openraft::SnapshotMeta;
+use openraft::{LogId, SnapshotMeta};
 use prost::Message;
 
 use crate::types::{Member, NodeId};
@@ -93,6 +94,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Meta, Vec<pb::StateEntry>), String> {
 #[derive(Clone)]
 pub struct SnapshotDir {
     dir: PathBuf,
+    /// The last log id of the newest snapshot stored since the node started.
+    newest: Arc<Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl SnapshotDir {
@@ -100,13 +103,31 @@ impl SnapshotDir {
         fs::create_dir_all(dir)?;
         Ok(SnapshotDir {
             dir: dir.to_owned(),
+            newest: Arc::default(),
         })
     }
 
-    /// Replaces the current snapshot durably. The file is synced every [`SYNC_EVERY_BYTES`] as
+    /// Makes `bytes`, a snapshot up to `last`, the current snapshot, unless a newer one was
+    /// stored meanwhile: a snapshot built while one from the leader was installed is older than
+    /// it and must not replace it. Returns whether it was stored.
+    pub fn store_if_newer(
+        &self,
+        bytes: &[u8],
+        last: Option<LogId<NodeId>>,
+    ) -> std::io::Result<bool> {
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        if newest.is_some() && last < *newest {
+            return Ok(false);
+        }
+        self.store(bytes)?;
+        *newest = last;
+        Ok(true)
+    }
+
+    /// Replaces the current snapshot durably, whatever it holds. The file is synced every [`SYNC_EVERY_BYTES`] as
     /// it is written: one sync of a whole large snapshot at the end made the file system flush
     /// hundreds of megabytes at once, and the raft log's own fsyncs waited behind it.
-    pub fn store(&self, bytes: &[u8]) -> std::io::Result<()> {
+    fn store(&self, bytes: &[u8]) -> std::io::Result<()> {
         let tmp = self.dir.join(format!("{CURRENT}.tmp"));
         let mut file = fs::File::create(&tmp)?;
         for chunk in bytes.chunks(SYNC_EVERY_BYTES) {
@@ -131,6 +152,24 @@ impl SnapshotDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let snapshots = SnapshotDir::open(dir.path()).expect("open");
+        let at = |index| Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
+        assert!(snapshots.store_if_newer(b"ten", at(10)).expect("store"));
+        assert!(!snapshots.store_if_newer(b"five", at(5)).expect("skip"));
+        assert_eq!(
+            snapshots.load().expect("load").as_deref(),
+            Some(&b"ten"[..])
+        );
+        assert!(snapshots.store_if_newer(b"twelve", at(12)).expect("store"));
+        assert_eq!(
+            snapshots.load().expect("load").as_deref(),
+            Some(&b"twelve"[..])
+        );
+    }
 
     #[test]
     fn the_entry_by_entry_encoding_is_the_body_prost_encodes() {

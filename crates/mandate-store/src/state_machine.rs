@@ -321,7 +321,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
         self.snapshots
-            .store(&bytes)
+            .store_if_newer(&bytes, meta.last_log_id)
             .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
@@ -378,7 +378,15 @@ fn write_cut(
     }
     let entries = encoder.entries();
     let bytes = encoder.finish();
-    snapshots.store(&bytes).map_err(|e| AnyError::new(&e))?;
+    if !snapshots
+        .store_if_newer(&bytes, meta.last_log_id)
+        .map_err(|e| AnyError::new(&e))?
+    {
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            "a newer snapshot was installed while this one was built; keeping that one"
+        );
+    }
     Ok((bytes, entries))
 }
 
