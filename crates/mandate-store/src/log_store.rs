@@ -107,7 +107,7 @@ impl LogStore {
         let log = open("raft-log")?;
         let purger = Purger::start(&log, syncer.is_inline())
             .map_err(|e| OpenError::Thread("mandate-purge", e))?;
-        let mut store = LogStore {
+        let store = LogStore {
             log,
             meta: open("raft-meta")?,
             syncer,
@@ -118,7 +118,7 @@ impl LogStore {
             .read_meta(LAST_PURGED, StorageIOError::read_logs)
             .map_err(|e| OpenError::Corrupt(e.to_string()))?;
         if let Some(purged) = purged {
-            store.first_kept = Arc::new(AtomicU64::new(purged.index + 1));
+            store.first_kept.store(purged.index + 1, Ordering::Release);
             // A crash may have left entries below the purge point; finish deleting them.
             store.delete_through(purged.index);
         }
