@@ -133,6 +133,13 @@ fn run(db: sled::Db, db_file: File, rx: mpsc::Receiver<Waiter>) {
     }
 }
 
+/// Flushes the sled database in `db_dir` and fsyncs its file, on this thread.
+pub(crate) fn sync_db(db: &sled::Db, db_dir: &Path) -> Result<(), OpenError> {
+    let path = db_dir.join("db");
+    let file = File::open(&path).map_err(|e| OpenError::io(&path, e))?;
+    sync_now(db, &file).map_err(|e| OpenError::io(&path, e))
+}
+
 /// Flushes sled's buffers and fsyncs the database file.
 fn sync_now(db: &sled::Db, db_file: &File) -> io::Result<()> {
     let result = db

@@ -140,7 +140,7 @@ impl StateMachine {
         snapshot_dir: &Path,
     ) -> Result<Self, OpenError> {
         let tree = db
-            .open_tree("state")
+            .open_tree(crate::STATE_TREE)
             .map_err(|e| OpenError::Sled("tree state".into(), e))?;
         let snapshots =
             SnapshotDir::open(snapshot_dir).map_err(|e| OpenError::io(snapshot_dir, e))?;
@@ -270,7 +270,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             cut: Some(cut),
             snapshots: self.snapshots.clone(),
-            on_this_thread: self.syncer.is_inline(),
+            syncer: self.syncer.clone(),
         }
     }
 
@@ -357,8 +357,9 @@ type Cut = StorageResult<(Option<LogId<NodeId>>, Membership, CutReader)>;
 pub struct SnapshotBuilder {
     cut: Option<Cut>,
     snapshots: SnapshotDir,
-    /// Read the cut on the calling thread (the deterministic simulation starts no threads).
-    on_this_thread: bool,
+    /// The state database's syncer; inline mode reads the cut on the calling thread too (the
+    /// deterministic simulation starts no threads).
+    syncer: Syncer,
 }
 
 /// Reads a whole cut into an encoded snapshot body and stores it as the node's snapshot.
@@ -407,7 +408,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
-        let written = if self.on_this_thread {
+        let written = if self.syncer.is_inline() {
             write_cut(&meta, reader, &self.snapshots)
         } else {
             let (cut_meta, snapshots) = (meta.clone(), self.snapshots.clone());
@@ -417,6 +418,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let (bytes, entries) =
             written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        // openraft purges the log below this snapshot next: the state on disk must reach it
+        // first, or a crash could leave state behind the oldest entry still in the log.
+        self.syncer.sync().await.map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
         tracing::info!(
             snapshot = %meta.snapshot_id,
             entries,

@@ -215,3 +215,47 @@ fn purged_entries_are_gone_from_disk_once_the_store_closes_and_stay_unread_until
         .collect();
     assert_eq!(on_disk, vec![7, 8, 9, 10]);
 }
+
+#[test]
+fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_state_moved() {
+    let old = tempfile::tempdir().expect("dir");
+    let before = runtime().block_on(async {
+        let (_a, mut sm) = store();
+        sm.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, (1..=20).map(register).collect()),
+        ])
+        .await
+        .expect("apply");
+        sm.view().dump().expect("dump")
+    });
+    // The old layout: the state tree beside the log, in the one database under `db`.
+    {
+        let db = sled::Config::new()
+            .path(old.path().join("db"))
+            .segment_size(mandate_store::durability::SEGMENT_BYTES)
+            .open()
+            .expect("old layout");
+        let tree = db.open_tree("state").expect("old state tree");
+        for (key, value) in &before {
+            tree.insert(key.as_slice(), value.as_slice())
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    runtime().block_on(async {
+        let (_log, mut sm) = mandate_store::open(old.path()).expect("open the old layout");
+        assert_eq!(sm.view().dump().expect("dump"), before);
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(2));
+    });
+    let db = sled::Config::new()
+        .path(old.path().join("db"))
+        .segment_size(mandate_store::durability::SEGMENT_BYTES)
+        .open()
+        .expect("reopen the log database");
+    assert!(
+        !db.tree_names().iter().any(|n| n.as_ref() == b"state"),
+        "the old state tree is dropped from the log database"
+    );
+}
