@@ -227,10 +227,10 @@ fn an_edit_to_a_stored_record_is_found_by_verify_at_its_position() {
     c.stop();
 
     let db = sled::Config::new()
-        .path(c.dir.path().join("node-1/db"))
+        .path(c.dir.path().join("node-1/state"))
         .segment_size(mandate_store::durability::SEGMENT_BYTES)
         .open()
-        .expect("open the node's database");
+        .expect("open the node's state database");
     let tree = db.open_tree("state").expect("state tree");
     let stored = tree.get(&key).expect("read").expect("the record is stored");
     let mut record = pb::AuditRecord::decode(stored.as_ref()).expect("decode");
