@@ -265,7 +265,7 @@ async fn write(raft: &Raft, id: NodeId, command: &[u8]) -> WriteAnswer {
     if raft.metrics().borrow().current_leader != Some(id) {
         return WriteAnswer::NotLeader(raft.metrics().borrow().current_leader);
     }
-    let batch = Batch(pb::CommandBatch {
+    let batch = Batch::new(&pb::CommandBatch {
         commands: vec![command],
     });
     match tokio::time::timeout(CALL_TIMEOUT, raft.client_write(batch)).await {

@@ -138,7 +138,7 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
     };
     let count = commands.len();
     let outcome = raft
-        .client_write(Batch(pb::CommandBatch { commands }))
+        .client_write(Batch::new(&pb::CommandBatch { commands }))
         .await;
     match outcome {
         Ok(response) => {

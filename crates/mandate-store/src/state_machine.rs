@@ -222,10 +222,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     BatchOutcome::default()
                 }
                 EntryPayload::Normal(batch) => {
+                    let commands = batch
+                        .decode()
+                        .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
                     let results = mandate_core::apply::apply_batch(
                         &mut overlay,
                         &mut self.engine,
-                        &batch.0,
+                        &commands,
                         entry.log_id.index,
                     )
                     .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;

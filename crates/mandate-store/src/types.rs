@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io::Cursor;
 
+use bytes::Bytes;
 use mandate_proto::v1 as pb;
 use prost::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -37,28 +38,43 @@ impl fmt::Display for Member {
     }
 }
 
-/// The commands of one log entry. Serialized as protobuf bytes inside openraft's envelope.
+/// The commands of one log entry, held as the protobuf encoding of a `CommandBatch`. The
+/// leader's batcher encodes it once; the log store, replication and the followers' logs copy
+/// those bytes as they are, and apply decodes them once on each node. (Held decoded, every
+/// command was encoded and decoded again for the leader's log, for each follower, for each
+/// follower's log, and for each apply.) The serialized form is the same either way: the bytes
+/// inside openraft's envelope.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Batch(pub pb::CommandBatch);
+pub struct Batch(Bytes);
+
+impl Batch {
+    /// The entry payload for `batch`.
+    pub fn new(batch: &pb::CommandBatch) -> Self {
+        Batch(batch.encode_to_vec().into())
+    }
+
+    /// The commands.
+    pub fn decode(&self) -> Result<pb::CommandBatch, prost::DecodeError> {
+        pb::CommandBatch::decode(self.0.as_ref())
+    }
+}
 
 impl Serialize for Batch {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0.encode_to_vec())
+        s.serialize_bytes(&self.0)
     }
 }
 
 impl<'de> Deserialize<'de> for Batch {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let bytes: Vec<u8> = serde::de::Deserialize::deserialize(d)?;
-        pb::CommandBatch::decode(bytes.as_slice())
-            .map(Batch)
-            .map_err(serde::de::Error::custom)
+        Ok(Batch(bytes.into()))
     }
 }
 
 impl fmt::Display for Batch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "batch of {} commands", self.0.commands.len())
+        write!(f, "command batch of {} bytes", self.0.len())
     }
 }
 
@@ -82,5 +98,32 @@ impl<'de> Deserialize<'de> for BatchOutcome {
             .collect::<Result<_, _>>()
             .map(BatchOutcome)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_stored_as_the_bytes_a_decoded_batch_was_and_decodes_to_its_commands() {
+        let commands = pb::CommandBatch {
+            commands: vec![pb::Command {
+                request_id: "r1".into(),
+                time_ms: 7,
+                ..Default::default()
+            }],
+        };
+        // A log entry's payload as written while batches were held decoded: bincode's byte
+        // string (a little-endian u64 length, then the bytes) of the protobuf encoding.
+        let encoded = commands.encode_to_vec();
+        let mut earlier = (encoded.len() as u64).to_le_bytes().to_vec();
+        earlier.extend_from_slice(&encoded);
+        assert_eq!(
+            bincode::serialize(&Batch::new(&commands)).expect("encode"),
+            earlier
+        );
+        let read: Batch = bincode::deserialize(&earlier).expect("decode");
+        assert_eq!(read.decode().expect("protobuf"), commands);
     }
 }

@@ -25,7 +25,7 @@ fn sled_store_passes_the_openraft_storage_suite() {
 fn entry(index: u64, commands: Vec<pb::Command>) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Batch(pb::CommandBatch { commands })),
+        payload: EntryPayload::Normal(Batch::new(&pb::CommandBatch { commands })),
     }
 }
 
