@@ -93,10 +93,7 @@ fn move_state_out_of_log_db(
     state_db: &sled::Db,
     state_dir: &Path,
 ) -> Result<(), OpenError> {
-    let sled_err = |what: &str| {
-        let what = what.to_owned();
-        move |e| OpenError::Sled(what.clone(), e)
-    };
+    let sled_err = |what: &'static str| move |e| OpenError::Sled(what.into(), e);
     if !log_db
         .tree_names()
         .iter()
@@ -111,15 +108,14 @@ fn move_state_out_of_log_db(
         .open_tree(STATE_TREE)
         .map_err(sled_err("tree state"))?;
     let mut batch = sled::Batch::default();
-    let mut in_batch = 0;
+    let mut copied = 0usize;
     for item in old.iter() {
         let (key, value) = item.map_err(sled_err("reading the old state tree"))?;
         batch.insert(key, value);
-        in_batch += 1;
-        if in_batch == MOVE_CHUNK {
+        copied += 1;
+        if copied.is_multiple_of(MOVE_CHUNK) {
             new.apply_batch(std::mem::take(&mut batch))
                 .map_err(sled_err("copying the state"))?;
-            in_batch = 0;
         }
     }
     new.apply_batch(batch)
@@ -129,6 +125,6 @@ fn move_state_out_of_log_db(
         .drop_tree(STATE_TREE)
         .map_err(sled_err("dropping the old state tree"))?;
     durability::sync_db(log_db, log_dir)?;
-    tracing::info!(keys = new.len(), "moved the state into its own database");
+    tracing::info!(keys = copied, "moved the state into its own database");
     Ok(())
 }
