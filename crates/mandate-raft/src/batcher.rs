@@ -69,14 +69,43 @@ impl Batcher {
 
     /// Submits one unstamped command and waits for its result.
     pub async fn submit(&self, command: pb::Command) -> Result<pb::CommandResult, BatchError> {
+        let queued = self.enqueue(command).await;
+        outcome(queued).await
+    }
+
+    /// Submits unstamped commands in order, all before waiting for any, and returns their
+    /// results in the same order.
+    pub async fn submit_all(
+        &self,
+        commands: Vec<pb::Command>,
+    ) -> Vec<Result<pb::CommandResult, BatchError>> {
+        let mut queued = Vec::with_capacity(commands.len());
+        for command in commands {
+            queued.push(self.enqueue(command).await);
+        }
+        let mut results = Vec::with_capacity(queued.len());
+        for q in queued {
+            results.push(outcome(q).await);
+        }
+        results
+    }
+
+    async fn enqueue(&self, command: pb::Command) -> Result<Outcome, BatchError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending { command, reply })
             .await
             .map_err(|_| BatchError::Stopped("the batcher has stopped".into()))?;
-        rx.await
-            .map_err(|_| BatchError::Indeterminate("the batcher dropped the command".into()))?
+        Ok(rx)
     }
+}
+
+type Outcome = oneshot::Receiver<Result<pb::CommandResult, BatchError>>;
+
+async fn outcome(queued: Result<Outcome, BatchError>) -> Result<pb::CommandResult, BatchError> {
+    queued?
+        .await
+        .map_err(|_| BatchError::Indeterminate("the batcher dropped the command".into()))?
 }
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {

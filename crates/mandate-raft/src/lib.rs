@@ -1,12 +1,14 @@
 //! Mandate's consensus layer: openraft configured for Mandate, its tonic transport, the
 //! leader-side write batcher, leader forwarding and linearizable reads.
 //!
-//! A write enters through [`Node::write`] on any node. A follower forwards it to the leader over
-//! the internal `RaftPeer.Forward` RPC; the leader stamps it (time, request id, generated ids)
+//! A write enters through [`Node::write`] on any node. A follower's [`forwarder::Forwarder`]
+//! hands it to the leader over the internal `RaftPeer.ForwardBatch` RPC, together with the other
+//! writes waiting on that follower; the leader stamps it (time, request id, generated ids)
 //! and hands it to the [`batcher::Batcher`], which packs concurrent commands into one log entry.
 //! Each caller receives the result of its own command.
 
 pub mod batcher;
+pub mod forwarder;
 pub mod network;
 pub mod node;
 pub mod peer_service;

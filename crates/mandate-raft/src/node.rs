@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mandate_core::pb;
-use mandate_proto::v1::{
-    membership_change::Change, ForwardRequest, MembershipChange, ReadIndexRequest,
-};
+use mandate_proto::v1::{membership_change::Change, MembershipChange, ReadIndexRequest};
 use mandate_store::{Member, NodeId, StateView};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use tonic::transport::ClientTlsConfig;
 
 use crate::batcher::{BatchError, Batcher};
+use crate::forwarder::Forwarder;
 use crate::network::{NetworkFactory, PeerClients};
 use crate::{Raft, RaftTiming};
 
@@ -53,6 +52,14 @@ pub enum NodeError {
     Membership(String),
 }
 
+fn routed(e: BatchError) -> Routed {
+    match e {
+        BatchError::NotLeader { .. } => Routed::NotLeader,
+        BatchError::Indeterminate(e) => Routed::Failed(NodeError::Indeterminate(e)),
+        BatchError::Stopped(e) => Routed::Failed(NodeError::Stopped(e)),
+    }
+}
+
 /// One member of the cluster.
 pub struct Node {
     pub id: NodeId,
@@ -60,6 +67,7 @@ pub struct Node {
     pub raft: Raft,
     pub view: StateView,
     batcher: Batcher,
+    forwarder: Forwarder,
     peers: PeerClients,
 }
 
@@ -85,12 +93,14 @@ impl Node {
             .await
             .map_err(|e| format!("starting raft: {e}"))?;
         let batcher = Batcher::start(raft.clone());
+        let forwarder = Forwarder::start(peers.clone());
         Ok(Arc::new(Node {
             id,
             member,
             raft,
             view,
             batcher,
+            forwarder,
             peers,
         }))
     }
@@ -143,7 +153,9 @@ impl Node {
             let routed = if leader_id == self.id {
                 self.write_local(command.clone()).await
             } else {
-                self.forward(&leader, command.clone()).await
+                self.forwarder
+                    .forward(&leader.peer_addr, command.clone())
+                    .await
             };
             match routed {
                 Ok(result) => return Ok(result),
@@ -156,44 +168,16 @@ impl Node {
 
     /// Proposes a command on this node, which must be the leader.
     pub async fn write_local(&self, command: pb::Command) -> Result<pb::CommandResult, Routed> {
-        match self.batcher.submit(command).await {
-            Ok(result) => Ok(result),
-            Err(BatchError::NotLeader { .. }) => Err(Routed::NotLeader),
-            Err(BatchError::Indeterminate(e)) => Err(Routed::Failed(NodeError::Indeterminate(e))),
-            Err(BatchError::Stopped(e)) => Err(Routed::Failed(NodeError::Stopped(e))),
-        }
+        self.batcher.submit(command).await.map_err(routed)
     }
 
-    async fn forward(
+    /// Proposes commands on this node, which must be the leader, in order; one outcome each.
+    pub async fn write_local_all(
         &self,
-        leader: &Member,
-        command: pb::Command,
-    ) -> Result<pb::CommandResult, Routed> {
-        let mut client = self
-            .peers
-            .client(&leader.peer_addr)
-            .map_err(|e| Routed::Failed(NodeError::Unavailable(e.to_string())))?;
-        let response = client
-            .forward(ForwardRequest {
-                command: Some(command),
-            })
-            .await
-            .map_err(|status| {
-                Routed::Failed(NodeError::Indeterminate(format!(
-                    "forwarding to the leader at {} failed: {}",
-                    leader.peer_addr,
-                    status.message()
-                )))
-            })?
-            .into_inner();
-        if response.not_leader {
-            return Err(Routed::NotLeader);
-        }
-        response.result.ok_or_else(|| {
-            Routed::Failed(NodeError::Indeterminate(
-                "the leader returned no result".into(),
-            ))
-        })
+        commands: Vec<pb::Command>,
+    ) -> Vec<Result<pb::CommandResult, Routed>> {
+        let results = self.batcher.submit_all(commands).await;
+        results.into_iter().map(|r| r.map_err(routed)).collect()
     }
 
     /// Waits (briefly) until this node learns of a leader other than `old`.

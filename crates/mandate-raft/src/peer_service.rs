@@ -3,15 +3,18 @@
 
 use std::sync::Arc;
 
+use mandate_core::pb;
+
 use mandate_proto::v1::raft_peer_server::RaftPeer;
 use mandate_proto::v1::{
-    ForwardRequest, ForwardResponse, MembershipChange, MembershipChangeResponse, RaftPayload,
-    ReadIndexRequest, ReadIndexResponse,
+    ForwardBatchRequest, ForwardBatchResponse, ForwardRequest, ForwardResponse, MembershipChange,
+    MembershipChangeResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
+use crate::forwarder::FORWARD_COMMANDS_MAX;
 use crate::network::{from_payload, to_payload};
 use crate::node::{Node, Routed};
 use crate::{NodeId, TypeConfig};
@@ -39,6 +42,25 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Statu
 
 fn leader_hint(node: &Node) -> NodeId {
     node.leader().map_or(0, |(id, _)| id)
+}
+
+/// One forwarded command's outcome, as the follower that sent it reads it.
+fn outcome(node: &Node, routed: Result<pb::CommandResult, Routed>) -> ForwardResponse {
+    match routed {
+        Ok(result) => ForwardResponse {
+            result: Some(result),
+            ..Default::default()
+        },
+        Err(Routed::NotLeader) => ForwardResponse {
+            not_leader: true,
+            leader_hint: leader_hint(node),
+            ..Default::default()
+        },
+        Err(Routed::Failed(e)) => ForwardResponse {
+            error: e.to_string(),
+            ..Default::default()
+        },
+    }
 }
 
 #[tonic::async_trait]
@@ -75,19 +97,36 @@ impl RaftPeer for PeerService {
             .command
             .ok_or_else(|| Status::invalid_argument("forward carries no command"))?;
         let response = match self.node.write_local(command).await {
-            Ok(result) => ForwardResponse {
-                result: Some(result),
-                not_leader: false,
-                leader_hint: 0,
-            },
-            Err(Routed::NotLeader) => ForwardResponse {
-                result: None,
-                not_leader: true,
-                leader_hint: leader_hint(&self.node),
-            },
             Err(Routed::Failed(e)) => return Err(Status::unavailable(e.to_string())),
+            routed => outcome(&self.node, routed),
         };
         Ok(Response::new(response))
+    }
+
+    async fn forward_batch(
+        &self,
+        request: Request<ForwardBatchRequest>,
+    ) -> Result<Response<ForwardBatchResponse>, Status> {
+        let commands = request.into_inner().commands;
+        if commands.is_empty() {
+            return Err(Status::invalid_argument(
+                "forward_batch carries no commands",
+            ));
+        }
+        if commands.len() > FORWARD_COMMANDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "forward_batch carries {} commands; at most {FORWARD_COMMANDS_MAX} fit in one call",
+                commands.len()
+            )));
+        }
+        let results = self
+            .node
+            .write_local_all(commands)
+            .await
+            .into_iter()
+            .map(|routed| outcome(&self.node, routed))
+            .collect();
+        Ok(Response::new(ForwardBatchResponse { results }))
     }
 
     async fn read_index(
@@ -118,5 +157,51 @@ impl RaftPeer for PeerService {
             },
         };
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::{Member, RaftTiming};
+
+    #[tokio::test]
+    async fn a_forward_batch_with_no_commands_or_too_many_is_refused_and_proposes_nothing() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let member = Member {
+            peer_addr: "127.0.0.1:1".into(),
+            client_addr: "127.0.0.1:2".into(),
+        };
+        let node = Node::start(1, member, dir.path(), &RaftTiming::default(), None)
+            .await
+            .expect("node starts");
+        let service = PeerService::new(node.clone());
+        let refused = |commands: Vec<pb::Command>| {
+            let service = &service;
+            async move {
+                service
+                    .forward_batch(Request::new(ForwardBatchRequest { commands }))
+                    .await
+                    .expect_err("refused")
+            }
+        };
+        let empty = refused(vec![]).await;
+        assert_eq!(empty.code(), Code::InvalidArgument);
+        assert!(
+            empty.message().contains("no commands"),
+            "{}",
+            empty.message()
+        );
+        let many = refused(vec![pb::Command::default(); FORWARD_COMMANDS_MAX + 1]).await;
+        assert_eq!(many.code(), Code::InvalidArgument);
+        assert!(
+            many.message()
+                .contains(&format!("at most {FORWARD_COMMANDS_MAX}")),
+            "{}",
+            many.message()
+        );
+        assert_eq!(node.metrics().last_log_index, None, "nothing was proposed");
     }
 }
