@@ -2,23 +2,28 @@
 //!
 //! A follower hands every client write it receives to the leader. One call per write made the
 //! follower and the leader each pay an HTTP/2 stream, TLS records, a server task and the
-//! syscalls for every command, about a tenth of a node's CPU under load (etcd, by contrast,
-//! lets a follower's proposals ride its raft stream). The forwarder packs the writes waiting
-//! on this node into one `ForwardBatch` call: a call leaves at once while fewer than
-//! [`FORWARDS_IN_FLIGHT_MAX`] are in flight, so an idle node adds no latency; while that many
-//! are in flight, writes accumulate and leave together in the next call, up to
-//! [`FORWARD_COMMANDS_MAX`] commands or [`FORWARD_BYTES_MAX`] bytes. The leader puts them into
-//! its own batcher in order and answers one outcome per command. A leader from before
-//! `ForwardBatch` answers Unimplemented; the writes of that call are then forwarded one by one,
-//! so a rolling upgrade may upgrade followers first.
+//! syscalls for every command (etcd, by contrast, lets a follower's proposals ride its raft
+//! stream). The forwarder packs the writes waiting on this node into one `ForwardBatch` call: a
+//! call leaves at once while fewer than [`FORWARDS_IN_FLIGHT_MAX`] are in flight, so an idle
+//! node adds no latency; while that many are in flight, writes accumulate and leave together in
+//! the next call, up to [`FORWARD_COMMANDS_MAX`] commands or [`FORWARD_BYTES_MAX`] bytes. The
+//! leader puts them into its own batcher in order and answers one outcome per command.
+//!
+//! Each leader address has its own lane (queue, task and in-flight limit), so calls stuck at a
+//! leader that stopped answering (paused, or cut off without a reset) never hold up writes to
+//! the leader that replaced it; a stuck call ends at [`FORWARD_TIMEOUT_MS`] and its writes are
+//! indeterminate. A leader from before `ForwardBatch` answers Unimplemented; the writes of that
+//! call are then forwarded one by one, so a rolling upgrade may upgrade followers first.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mandate_core::pb;
 use mandate_proto::v1::{ForwardBatchRequest, ForwardRequest, ForwardResponse};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tonic::Code;
+use tonic::{Code, Request};
 
 use crate::network::PeerClients;
 use crate::node::{NodeError, Routed};
@@ -27,15 +32,16 @@ use crate::node::{NodeError, Routed};
 pub const FORWARD_COMMANDS_MAX: usize = crate::batcher::BATCH_COMMANDS_MAX;
 /// Most encoded bytes of commands in one forwarding call (a larger command goes alone).
 pub const FORWARD_BYTES_MAX: usize = crate::batcher::BATCH_BYTES_MAX;
-/// Most forwarding calls in flight from one node.
+/// Most forwarding calls in flight from one node to one leader.
 pub const FORWARDS_IN_FLIGHT_MAX: usize = 4;
-/// Most writes queued in front of the forwarder; beyond this, writers wait (back-pressure).
+/// Most writes queued for one leader; beyond this, writers wait (back-pressure).
 pub const FORWARD_QUEUE_MAX: usize = crate::batcher::QUEUE_COMMANDS_MAX;
+/// Longest a forwarding call may take, commit included, before its writes are indeterminate.
+pub const FORWARD_TIMEOUT_MS: u64 = 10_000;
 
 type Reply = oneshot::Sender<Result<pb::CommandResult, Routed>>;
 
 struct Pending {
-    leader_addr: String,
     command: pb::Command,
     reply: Reply,
 }
@@ -43,15 +49,32 @@ struct Pending {
 /// Handle for forwarding writes to the leader.
 #[derive(Clone)]
 pub struct Forwarder {
-    tx: mpsc::Sender<Pending>,
+    peers: PeerClients,
+    /// One lane per leader peer address this node has forwarded to (at most one per member
+    /// that has led).
+    lanes: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
 }
 
 impl Forwarder {
-    /// Starts the forwarder task, which reaches leaders through `peers`.
-    pub fn start(peers: PeerClients) -> Self {
-        let (tx, rx) = mpsc::channel(FORWARD_QUEUE_MAX);
-        tokio::spawn(run(peers, rx));
-        Forwarder { tx }
+    /// A forwarder that reaches leaders through `peers`; a lane's task starts with its first
+    /// write.
+    pub fn new(peers: PeerClients) -> Self {
+        Forwarder {
+            peers,
+            lanes: Arc::default(),
+        }
+    }
+
+    fn lane(&self, leader_addr: &str) -> mpsc::Sender<Pending> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes
+            .entry(leader_addr.to_owned())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(FORWARD_QUEUE_MAX);
+                tokio::spawn(run(self.peers.clone(), leader_addr.to_owned(), rx));
+                tx
+            })
+            .clone()
     }
 
     /// Hands `command` to the leader at `leader_addr` (its peer address) and waits for its
@@ -62,13 +85,8 @@ impl Forwarder {
         command: pb::Command,
     ) -> Result<pb::CommandResult, Routed> {
         let (reply, rx) = oneshot::channel();
-        let pending = Pending {
-            leader_addr: leader_addr.to_owned(),
-            command,
-            reply,
-        };
-        self.tx
-            .send(pending)
+        self.lane(leader_addr)
+            .send(Pending { command, reply })
             .await
             .map_err(|_| stopped("the forwarder has stopped"))?;
         rx.await
@@ -80,7 +98,14 @@ fn stopped(why: &str) -> Routed {
     Routed::Failed(NodeError::Stopped(why.into()))
 }
 
-async fn run(peers: PeerClients, mut rx: mpsc::Receiver<Pending>) {
+fn deadline<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(Duration::from_millis(FORWARD_TIMEOUT_MS));
+    request
+}
+
+/// The lane to the leader at `addr`.
+async fn run(peers: PeerClients, addr: String, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX));
     let mut next: Option<Pending> = None;
     loop {
@@ -100,25 +125,24 @@ async fn run(peers: PeerClients, mut rx: mpsc::Receiver<Pending>) {
         while group.len() < FORWARD_COMMANDS_MAX {
             let Ok(p) = rx.try_recv() else { break };
             let len = p.command.encoded_len();
-            if p.leader_addr != group[0].leader_addr || bytes + len > FORWARD_BYTES_MAX {
+            if bytes + len > FORWARD_BYTES_MAX {
                 next = Some(p);
                 break;
             }
             bytes += len;
             group.push(p);
         }
-        let peers = peers.clone();
+        let (peers, addr) = (peers.clone(), addr.clone());
         tokio::spawn(async move {
-            send(&peers, group).await;
+            send(&peers, &addr, group).await;
             drop(permit);
         });
     }
 }
 
-/// Forwards one group (all to the same leader) and answers each of its writers.
-async fn send(peers: &PeerClients, group: Vec<Pending>) {
-    let addr = group[0].leader_addr.clone();
-    let mut client = match peers.client(&addr) {
+/// Forwards one group to the leader at `addr` and answers each of its writers.
+async fn send(peers: &PeerClients, addr: &str, group: Vec<Pending>) {
+    let mut client = match peers.client(addr) {
         Ok(c) => c,
         Err(e) => {
             let error = NodeError::Unavailable(e.to_string());
@@ -130,16 +154,16 @@ async fn send(peers: &PeerClients, group: Vec<Pending>) {
     };
     let (commands, replies): (Vec<_>, Vec<_>) =
         group.into_iter().map(|p| (p.command, p.reply)).unzip();
-    let request = ForwardBatchRequest {
+    let request = deadline(ForwardBatchRequest {
         commands: commands.clone(),
-    };
+    });
     match client.forward_batch(request).await {
         Ok(response) => {
             let mut results = response.into_inner().results.into_iter();
             for reply in replies {
                 let outcome = match results.next() {
-                    Some(r) => routed(&addr, r),
-                    None => Err(indeterminate(&addr, "the leader answered fewer outcomes")),
+                    Some(r) => routed(addr, r),
+                    None => Err(indeterminate(addr, "the leader answered fewer outcomes")),
                 };
                 let _ = reply.send(outcome);
             }
@@ -147,12 +171,12 @@ async fn send(peers: &PeerClients, group: Vec<Pending>) {
         Err(status) if status.code() == Code::Unimplemented => {
             for (command, reply) in commands.into_iter().zip(replies) {
                 let mut client = client.clone();
-                let addr = addr.clone();
+                let addr = addr.to_owned();
                 tokio::spawn(async move {
                     let outcome = match client
-                        .forward(ForwardRequest {
+                        .forward(deadline(ForwardRequest {
                             command: Some(command),
-                        })
+                        }))
                         .await
                     {
                         Ok(response) => routed(&addr, response.into_inner()),
@@ -164,7 +188,7 @@ async fn send(peers: &PeerClients, group: Vec<Pending>) {
         }
         Err(status) => {
             for reply in replies {
-                let _ = reply.send(Err(indeterminate(&addr, status.message())));
+                let _ = reply.send(Err(indeterminate(addr, status.message())));
             }
         }
     }
@@ -200,7 +224,7 @@ mod tests {
     };
     use tokio::sync::watch;
     use tonic::transport::server::TcpIncoming;
-    use tonic::{Request, Response, Status};
+    use tonic::{Response, Status};
 
     use super::*;
 
@@ -321,7 +345,7 @@ mod tests {
             gate,
             calls,
             single_calls,
-            forwarder: Forwarder::start(PeerClients::new(None)),
+            forwarder: Forwarder::new(PeerClients::new(None)),
         }
     }
 
@@ -357,7 +381,8 @@ mod tests {
             writers.push(write(&s, 3 * i as u64));
         }
         // Wait until the forwarder's queue holds them (one may already be in its hands).
-        while FORWARD_QUEUE_MAX - s.forwarder.tx.capacity() < queued - 1 {
+        let lane = s.forwarder.lane(&s.addr);
+        while FORWARD_QUEUE_MAX - lane.capacity() < queued - 1 {
             tokio::task::yield_now().await;
         }
         s.gate.add_permits(FORWARDS_IN_FLIGHT_MAX + 1);
@@ -373,6 +398,36 @@ mod tests {
             *s.calls.borrow(),
             FORWARDS_IN_FLIGHT_MAX + 1,
             "the {queued} queued writes should have left in one call"
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_stuck_at_a_silent_leader_do_not_hold_up_writes_to_its_successor() {
+        let mut silent = leader(true, 0).await;
+        let mut stuck = Vec::new();
+        for i in 0..FORWARDS_IN_FLIGHT_MAX + 1 {
+            stuck.push(write(&silent, 3 * i as u64));
+            if i < FORWARDS_IN_FLIGHT_MAX {
+                silent
+                    .calls
+                    .wait_for(|c| *c == i + 1)
+                    .await
+                    .expect("the silent leader took the call");
+            }
+        }
+        let successor = leader(true, 100).await;
+        // A bound on the wait, so that a regression fails here instead of hanging.
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            silent.forwarder.forward(&successor.addr, command(3)),
+        )
+        .await
+        .expect("the write to the successor is not held up")
+        .expect("the successor commits it");
+        assert_eq!(result.log_index, 3);
+        assert!(
+            stuck.iter().all(|w| !w.is_finished()),
+            "the silent leader's writes are still waiting"
         );
     }
 
@@ -412,7 +467,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address").to_string();
         drop(listener);
-        let forwarder = Forwarder::start(PeerClients::new(None));
+        let forwarder = Forwarder::new(PeerClients::new(None));
         match forwarder.forward(&addr, command(0)).await {
             Err(Routed::Failed(NodeError::Indeterminate(why))) => {
                 assert!(why.contains(&addr), "{why}")

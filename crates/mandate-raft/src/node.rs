@@ -93,7 +93,7 @@ impl Node {
             .await
             .map_err(|e| format!("starting raft: {e}"))?;
         let batcher = Batcher::start(raft.clone());
-        let forwarder = Forwarder::start(peers.clone());
+        let forwarder = Forwarder::new(peers.clone());
         Ok(Arc::new(Node {
             id,
             member,
