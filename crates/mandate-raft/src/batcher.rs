@@ -108,16 +108,21 @@ async fn outcome(queued: Result<Outcome, BatchError>) -> Result<pb::CommandResul
         .map_err(|_| BatchError::Indeterminate("the batcher dropped the command".into()))?
 }
 
+/// The command held over from the last batch (it did not fit), else the next one queued;
+/// `None` once every sender is gone.
+pub(crate) async fn held_or_next<T>(held: &mut Option<T>, rx: &mut mpsc::Receiver<T>) -> Option<T> {
+    match held.take() {
+        Some(p) => Some(p),
+        None => rx.recv().await,
+    }
+}
+
 async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     let mut next: Option<Pending> = None;
     loop {
-        let first = match next.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
+        let Some(first) = held_or_next(&mut next, &mut rx).await else {
+            return;
         };
         let deadline = Instant::now() + Duration::from_micros(BATCH_LINGER_US);
         let mut bytes = first.command.encoded_len();

@@ -25,6 +25,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::{Code, Request};
 
+use crate::batcher::held_or_next;
 use crate::network::PeerClients;
 use crate::node::{NodeError, Routed};
 
@@ -109,12 +110,8 @@ async fn run(peers: PeerClients, addr: String, mut rx: mpsc::Receiver<Pending>) 
     let in_flight = Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX));
     let mut next: Option<Pending> = None;
     loop {
-        let first = match next.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
+        let Some(first) = held_or_next(&mut next, &mut rx).await else {
+            return;
         };
         // While every call is in flight, the writes behind this one accumulate in the queue.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
