@@ -68,14 +68,13 @@ impl Forwarder {
 
     fn lane(&self, leader_addr: &str) -> mpsc::Sender<Pending> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes
-            .entry(leader_addr.to_owned())
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(FORWARD_QUEUE_MAX);
-                tokio::spawn(run(self.peers.clone(), leader_addr.to_owned(), rx));
-                tx
-            })
-            .clone()
+        if let Some(tx) = lanes.get(leader_addr) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(FORWARD_QUEUE_MAX);
+        tokio::spawn(run(self.peers.clone(), leader_addr.to_owned(), rx));
+        lanes.insert(leader_addr.to_owned(), tx.clone());
+        tx
     }
 
     /// Hands `command` to the leader at `leader_addr` (its peer address) and waits for its

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use mandate_core::pb;
-
 use mandate_proto::v1::raft_peer_server::RaftPeer;
 use mandate_proto::v1::{
     ForwardBatchRequest, ForwardBatchResponse, ForwardRequest, ForwardResponse, MembershipChange,
