@@ -1,12 +1,14 @@
-//! Making writes durable. sled 0.34's `flush` ends with `sync_file_range`, which neither flushes
-//! the drive's cache nor the file's metadata (sled issue #1452). The [`Syncer`] thread therefore
-//! follows every flush with `fsync` of the database file. Requests that arrive while a sync runs
-//! share the next one (group commit): one fsync makes every earlier write durable.
+//! Making writes durable. A [`Syncer`] thread runs one sync for every request waiting on it:
+//! requests that arrive while a sync runs share the next one (group commit), since one sync
+//! makes every earlier write durable. The raft log's sync is `fdatasync` of its last segment
+//! file ([`crate::log_store`]); the state database's is a sled flush followed by `fsync`.
 //!
+//! sled 0.34's `flush` ends with `sync_file_range`, which neither flushes the drive's cache nor
+//! the file's metadata (sled issue #1452), hence the `fsync` of its database file after it.
 //! sled writes values too large for a segment to separate blob files that it never fsyncs; the
-//! segment size is raised to [`SEGMENT_BYTES`] so that every value Mandate writes (a log entry is
-//! bounded by the batcher to well under a megabyte) stays inline in the fsynced database file.
-//! Snapshots are written to their own files with write-fsync-rename.
+//! segment size is raised to [`SEGMENT_BYTES`] so that every value Mandate writes stays inline
+//! in the fsynced database file. Snapshots are written to their own files with
+//! write-fsync-rename.
 
 use std::fs::File;
 use std::io;
@@ -20,9 +22,11 @@ use crate::error::OpenError;
 pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
+/// What one sync does: make every write issued before it durable.
+pub type SyncFn = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
 
-/// Handle to the node's sync thread. When the last handle is dropped the thread finishes its
-/// queue and exits, releasing the database.
+/// Handle to a sync thread. When the last handle is dropped the thread finishes its queue and
+/// exits, releasing what it syncs.
 #[derive(Clone)]
 pub struct Syncer {
     inner: Arc<Inner>,
@@ -31,15 +35,15 @@ pub struct Syncer {
 struct Inner {
     tx: Option<mpsc::Sender<Waiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Inline mode: the database and its file, synced on the caller's thread.
-    inline: Option<(sled::Db, File)>,
+    /// Inline mode: the sync, run on the caller's thread.
+    inline: Option<SyncFn>,
 }
 
 /// How a node's writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncMode {
-    /// A dedicated thread flushes and fsyncs, sharing one sync among every write that
-    /// arrives meanwhile (group commit). What servers run.
+    /// A dedicated thread syncs, sharing one sync among every write that arrives meanwhile
+    /// (group commit). What servers run.
     #[default]
     GroupCommit,
     /// Each sync runs at once on the calling thread, so no other thread ever wakes a task:
@@ -59,23 +63,22 @@ impl Drop for Inner {
 }
 
 impl Syncer {
-    pub fn start(db: sled::Db, db_dir: &Path, mode: SyncMode) -> Result<Self, OpenError> {
-        let db_file_path = db_dir.join("db");
-        let db_file = File::open(&db_file_path).map_err(|e| OpenError::io(&db_file_path, e))?;
+    /// A syncer running `sync` on a thread named `name` (or inline).
+    pub fn start(name: &'static str, mode: SyncMode, sync: SyncFn) -> Result<Self, OpenError> {
         if mode == SyncMode::Inline {
             return Ok(Syncer {
                 inner: Arc::new(Inner {
                     tx: None,
                     thread: None,
-                    inline: Some((db, db_file)),
+                    inline: Some(sync),
                 }),
             });
         }
         let (tx, rx) = mpsc::channel::<Waiter>();
         let thread = std::thread::Builder::new()
-            .name("mandate-fsync".into())
-            .spawn(move || run(db, db_file, rx))
-            .map_err(|e| OpenError::Thread("mandate-fsync", e))?;
+            .name(name.into())
+            .spawn(move || run(&*sync, rx))
+            .map_err(|e| OpenError::Thread(name, e))?;
         Ok(Syncer {
             inner: Arc::new(Inner {
                 tx: Some(tx),
@@ -83,6 +86,17 @@ impl Syncer {
                 inline: None,
             }),
         })
+    }
+
+    /// A syncer that flushes the sled database in `db_dir` and fsyncs its file.
+    pub fn for_sled(db: sled::Db, db_dir: &Path, mode: SyncMode) -> Result<Self, OpenError> {
+        let db_file_path = db_dir.join("db");
+        let db_file = File::open(&db_file_path).map_err(|e| OpenError::io(&db_file_path, e))?;
+        Self::start(
+            "mandate-stsync",
+            mode,
+            Box::new(move || sync_now(&db, &db_file)),
+        )
     }
 
     /// Whether syncs run on the caller's thread ([`SyncMode::Inline`]): then the node must not
@@ -93,8 +107,8 @@ impl Syncer {
 
     /// Calls `done` once everything written before this call is durable.
     pub fn after_sync(&self, done: impl FnOnce(io::Result<()>) + Send + 'static) {
-        if let Some((db, file)) = &self.inner.inline {
-            done(sync_now(db, file));
+        if let Some(sync) = &self.inner.inline {
+            done(sync());
             return;
         }
         let waiter: Waiter = Box::new(done);
@@ -118,11 +132,14 @@ impl Syncer {
     }
 }
 
-fn run(db: sled::Db, db_file: File, rx: mpsc::Receiver<Waiter>) {
+fn run(sync: &(dyn Fn() -> io::Result<()> + Send + Sync), rx: mpsc::Receiver<Waiter>) {
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         waiters.extend(rx.try_iter());
-        let result = sync_now(&db, &db_file);
+        let result = sync();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "making writes durable failed");
+        }
         for waiter in waiters {
             let shared = match &result {
                 Ok(()) => Ok(()),
@@ -142,13 +159,8 @@ pub(crate) fn sync_db(db: &sled::Db, db_dir: &Path) -> Result<(), OpenError> {
 
 /// Flushes sled's buffers and fsyncs the database file.
 fn sync_now(db: &sled::Db, db_file: &File) -> io::Result<()> {
-    let result = db
-        .flush()
+    db.flush()
         .map(|_| ())
         .map_err(io::Error::other)
-        .and_then(|()| db_file.sync_all());
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "making the raft log durable failed");
-    }
-    result
+        .and_then(|()| db_file.sync_all())
 }

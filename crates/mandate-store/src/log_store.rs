@@ -1,89 +1,50 @@
-//! The raft log and vote on sled ([`openraft::storage::RaftLogStorage`]).
+//! The raft log and vote in their own files ([`openraft::storage::RaftLogStorage`]).
 //!
-//! Entries live in the `raft-log` tree keyed by big-endian index, encoded with bincode (openraft's
-//! envelope; the payload inside is protobuf). The vote, the committed log id and the last purged
-//! log id live in `raft-meta`.
-//!
-//! A purge records its point durably and returns; the entries below it are deleted afterwards,
-//! off the raft core's path (purging the 100,000 entries before a snapshot used to stall it).
-//! Until they are gone, reads and the log state ignore them.
+//! Entries are records in append-only segment files ([`crate::segments`]), each an openraft
+//! `Entry` in bincode (openraft's envelope; the payload inside is protobuf). An append is
+//! reported durable after `fdatasync` of the segment it went to, shared by every append that
+//! arrives while a sync runs ([`crate::durability`]). The vote and the last purged log id
+//! live in `meta`: two checksummed slots written in turn and synced, so a write torn by a
+//! crash leaves the previous one readable. The committed log id lives in `committed`,
+//! written in place and not synced: openraft only uses it to apply sooner after a restart, so
+//! a lost or torn one is read as none, and one ahead of the durable log is not trusted.
 
 use std::fmt::Debug;
-use std::ops::RangeBounds;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::durability::Syncer;
+use crate::durability::{SyncMode, Syncer};
 use crate::error::OpenError;
+use crate::segments::{self, Segments};
 use crate::types::{NodeId, TypeConfig};
 
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const LAST_PURGED: &[u8] = b"last-purged";
-/// Log entries deleted in one sled batch by the background purge.
-const PURGE_CHUNK: u64 = 4096;
+/// Bytes of one `meta` slot.
+const SLOT_BYTES: usize = 512;
+/// crc (u32), length (u32), sequence (u64).
+const SLOT_HEADER: usize = 16;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// The raft log of one node.
-#[derive(Clone)]
-pub struct LogStore {
-    log: sled::Tree,
-    meta: sled::Tree,
-    syncer: Syncer,
-    /// One past the last purged index (0: nothing purged); entries below it are not read.
-    first_kept: Arc<AtomicU64>,
-    purger: Arc<Purger>,
+/// What `meta` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub vote: Option<Vote<NodeId>>,
+    pub last_purged: Option<LogId<NodeId>>,
 }
 
-/// The thread that deletes purged entries; `None` parts when syncs run inline. Dropping the
-/// last handle lets it finish its queue and joins it, releasing the database.
-struct Purger {
-    tx: Option<mpsc::Sender<u64>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Purger {
-    fn start(log: &sled::Tree, inline: bool) -> Result<Self, std::io::Error> {
-        if inline {
-            return Ok(Purger {
-                tx: None,
-                thread: None,
-            });
-        }
-        let (tx, rx) = mpsc::channel::<u64>();
-        let log = log.clone();
-        let thread = std::thread::Builder::new()
-            .name("mandate-purge".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let index = rx.try_iter().fold(first, u64::max);
-                    if let Err(e) = delete_entries_through(&log, index) {
-                        tracing::error!(error = %e, index, "deleting purged log entries failed");
-                    }
-                }
-            })?;
-        Ok(Purger {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Purger {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the log purge thread panicked");
-            }
-        }
-    }
+struct MetaFile {
+    file: File,
+    sequence: u64,
+    meta: Meta,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AnyError> {
@@ -94,94 +55,219 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AnyError> {
     bincode::deserialize(bytes).map_err(|e| AnyError::new(&*e))
 }
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
+/// A checksummed value: crc over sequence and payload, then length, sequence, payload.
+fn seal(sequence: u64, payload: &[u8]) -> Vec<u8> {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&sequence.to_le_bytes());
+    crc.update(payload);
+    let mut out = Vec::with_capacity(SLOT_HEADER + payload.len());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&sequence.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
-impl LogStore {
-    pub(crate) fn open(db: &sled::Db, syncer: Syncer) -> Result<Self, OpenError> {
-        let open = |name: &str| {
-            db.open_tree(name)
-                .map_err(|e| OpenError::Sled(format!("tree {name}"), e))
-        };
-        let log = open("raft-log")?;
-        let purger = Purger::start(&log, syncer.is_inline())
-            .map_err(|e| OpenError::Thread("mandate-purge", e))?;
-        let store = LogStore {
-            log,
-            meta: open("raft-meta")?,
-            syncer,
-            first_kept: Arc::default(),
-            purger: Arc::new(purger),
-        };
-        let purged: Option<LogId<NodeId>> = store
-            .read_meta(LAST_PURGED, StorageIOError::read_logs)
-            .map_err(|e| OpenError::Corrupt(e.to_string()))?;
-        if let Some(purged) = purged {
-            store.first_kept.store(purged.index + 1, Ordering::Release);
-            // A crash may have left entries below the purge point; finish deleting them.
-            store.delete_through(purged.index);
-        }
-        Ok(store)
-    }
+/// The sequence and payload of a sealed value, if it is whole.
+fn unseal(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let header = bytes.get(..SLOT_HEADER)?;
+    let crc = u32::from_le_bytes(header[0..4].try_into().ok()?);
+    let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
+    let sequence = u64::from_le_bytes(header[8..16].try_into().ok()?);
+    let payload = bytes.get(SLOT_HEADER..SLOT_HEADER + len)?;
+    let mut check = crc32fast::Hasher::new();
+    check.update(&sequence.to_le_bytes());
+    check.update(payload);
+    (check.finalize() == crc).then_some((sequence, payload))
+}
 
-    /// Deletes the entries up to `index`, on the purge thread unless syncs run inline.
-    fn delete_through(&self, index: u64) {
-        let queued = match &self.purger.tx {
-            Some(tx) => tx.send(index).is_ok(),
-            None => false,
-        };
-        if !queued {
-            if let Err(e) = delete_entries_through(&self.log, index) {
-                tracing::error!(error = %e, index, "deleting purged log entries failed");
+fn read_all(file: &File) -> io::Result<Vec<u8>> {
+    let len = file.metadata()?.len();
+    let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+fn open_rw(path: &Path) -> Result<(File, bool), OpenError> {
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| OpenError::io(path, e))?;
+    Ok((file, existed))
+}
+
+impl MetaFile {
+    fn open(dir: &Path) -> Result<Self, OpenError> {
+        let path = dir.join("meta");
+        let (file, existed) = open_rw(&path)?;
+        if !existed {
+            segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
+        }
+        let bytes = read_all(&file).map_err(|e| OpenError::io(&path, e))?;
+        let newest = bytes
+            .chunks(SLOT_BYTES)
+            .filter_map(unseal)
+            .max_by_key(|(sequence, _)| *sequence);
+        let (sequence, meta) = match newest {
+            None if bytes.iter().any(|b| *b != 0) => {
+                return Err(OpenError::Corrupt(format!(
+                    "{}: neither slot holds a whole record",
+                    path.display()
+                )))
             }
+            None => (0, Meta::default()),
+            Some((sequence, payload)) => (
+                sequence,
+                decode(payload)
+                    .map_err(|e| OpenError::Corrupt(format!("{}: {e}", path.display())))?,
+            ),
+        };
+        Ok(MetaFile {
+            file,
+            sequence,
+            meta,
+        })
+    }
+
+    /// Writes `meta` to the older slot and syncs it.
+    fn store(&mut self, meta: Meta) -> io::Result<()> {
+        let payload = bincode::serialize(&meta).map_err(io::Error::other)?;
+        let sequence = self.sequence + 1;
+        let sealed = seal(sequence, &payload);
+        if sealed.len() > SLOT_BYTES {
+            return Err(io::Error::other("the log's meta record outgrew its slot"));
         }
-    }
-
-    fn read_meta<T: DeserializeOwned>(
-        &self,
-        key: &[u8],
-        fail: fn(AnyError) -> StorageIOError<NodeId>,
-    ) -> StorageResult<Option<T>> {
-        let bytes = self.meta.get(key).map_err(|e| fail(AnyError::new(&e)))?;
-        bytes
-            .map(|b| decode(&b).map_err(|e| fail(e).into()))
-            .transpose()
-    }
-
-    fn write_meta<T: Serialize>(
-        &self,
-        key: &[u8],
-        value: &T,
-        fail: fn(AnyError) -> StorageIOError<NodeId>,
-    ) -> StorageResult<()> {
-        let bytes = encode(value).map_err(fail)?;
-        self.meta
-            .insert(key, bytes)
-            .map_err(|e| fail(AnyError::new(&e)))?;
+        let slot = (sequence % 2) * SLOT_BYTES as u64;
+        self.file.write_all_at(&sealed, slot)?;
+        self.file.sync_data()?;
+        self.sequence = sequence;
+        self.meta = meta;
         Ok(())
     }
 }
 
-/// Deletes every entry at or below `index`, a chunk of keys per batch, without reading them.
-fn delete_entries_through(log: &sled::Tree, index: u64) -> sled::Result<()> {
-    let Some((first, _)) = log.first()? else {
-        return Ok(());
-    };
-    let Ok(first) = <[u8; 8]>::try_from(first.as_ref()).map(u64::from_be_bytes) else {
-        return Err(sled::Error::Unsupported("a log key is not 8 bytes".into()));
-    };
-    let mut from = first;
-    while from <= index {
-        let to = index.min(from.saturating_add(PURGE_CHUNK - 1));
-        let mut batch = sled::Batch::default();
-        for i in from..=to {
-            batch.remove(&index_key(i));
-        }
-        log.apply_batch(batch)?;
-        from = to + 1;
+struct Shared {
+    segments: Mutex<Segments>,
+    meta: Mutex<MetaFile>,
+    committed: File,
+}
+
+/// The raft log of one node.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+    syncer: Syncer,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`.
+    pub(crate) fn open(dir: &Path, mode: SyncMode) -> Result<Self, OpenError> {
+        Self::open_sized(dir, mode, segments::SEGMENT_BYTES)
     }
-    Ok(())
+
+    pub(crate) fn open_sized(
+        dir: &Path,
+        mode: SyncMode,
+        segment_bytes: u64,
+    ) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|e| OpenError::io(dir, e))?;
+        let meta = MetaFile::open(dir)?;
+        let segments = Segments::open(dir, segment_bytes, meta.meta.last_purged.map(|l| l.index))?;
+        let active = segments.active_file();
+        let syncer = Syncer::start(
+            "mandate-fsync",
+            mode,
+            Box::new(move || match lock(&active).clone() {
+                Some(file) => file.sync_data(),
+                None => Ok(()),
+            }),
+        )?;
+        let (committed, _) = open_rw(&dir.join("committed"))?;
+        Ok(LogStore {
+            shared: Arc::new(Shared {
+                segments: Mutex::new(segments),
+                meta: Mutex::new(meta),
+                committed,
+            }),
+            syncer,
+        })
+    }
+
+    /// Writes a log moved from elsewhere into the empty directory `dir`, durably.
+    pub(crate) fn import(
+        dir: &Path,
+        meta: Meta,
+        committed: Option<LogId<NodeId>>,
+        entries: impl IntoIterator<Item = Result<(u64, Vec<u8>), OpenError>>,
+    ) -> Result<(), OpenError> {
+        let store = Self::open(dir, SyncMode::Inline)?;
+        let io = |e| OpenError::io(dir, e);
+        let mut chunk = Vec::new();
+        let flush = |chunk: &mut Vec<(u64, Vec<u8>)>| {
+            let mut segments = lock(&store.shared.segments);
+            let result = segments.append(chunk.iter().map(|(i, b)| (*i, b.as_slice())));
+            chunk.clear();
+            result
+        };
+        for entry in entries {
+            chunk.push(entry?);
+            if chunk.len() == 1024 {
+                flush(&mut chunk).map_err(io)?;
+            }
+        }
+        flush(&mut chunk).map_err(io)?;
+        lock(&store.shared.meta).store(meta).map_err(io)?;
+        store.write_committed(committed).map_err(io)?;
+        let active = lock(&store.shared.segments).active_file();
+        if let Some(file) = lock(&active).clone() {
+            file.sync_data().map_err(io)?;
+        }
+        store.shared.committed.sync_data().map_err(io)?;
+        Ok(())
+    }
+
+    fn write_committed(&self, committed: Option<LogId<NodeId>>) -> io::Result<()> {
+        let payload = bincode::serialize(&committed).map_err(io::Error::other)?;
+        self.shared.committed.write_all_at(&seal(0, &payload), 0)
+    }
+
+    /// The entry at `index`, if kept.
+    fn entry_at(&self, index: u64) -> StorageResult<Option<Entry<TypeConfig>>> {
+        let located = lock(&self.shared.segments).locate(index, index.saturating_add(1));
+        match located.first() {
+            None => Ok(None),
+            Some(l) => read_entry(l).map(Some),
+        }
+    }
+}
+
+fn read_entry(located: &segments::Located) -> StorageResult<Entry<TypeConfig>> {
+    let index = located.index;
+    let bytes = segments::read(located)
+        .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))?;
+    let entry: Entry<TypeConfig> =
+        decode(&bytes).map_err(|e| StorageIOError::read_log_at_index(index, e))?;
+    if entry.log_id.index != index {
+        return Err(StorageIOError::read_log_at_index(
+            index,
+            AnyError::error(format!(
+                "entry stored at {index} has log id {}",
+                entry.log_id
+            )),
+        )
+        .into());
+    }
+    Ok(entry)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -190,35 +276,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let start = match range.start_bound() {
-            std::ops::Bound::Included(i) => *i,
-            std::ops::Bound::Excluded(i) => *i + 1,
-            std::ops::Bound::Unbounded => 0,
-        }
-        .max(self.first_kept.load(Ordering::Acquire));
-        let mut entries = Vec::new();
-        for item in self.log.range(index_key(start)..) {
-            let (key, value) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
-            let index = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| {
-                StorageIOError::read_logs(AnyError::error("log key is not 8 bytes"))
-            })?);
-            if !range.contains(&index) {
-                break;
-            }
-            let entry: Entry<TypeConfig> =
-                decode(&value).map_err(|e| StorageIOError::read_log_at_index(index, e))?;
-            if entry.log_id.index != index {
-                return Err(StorageIOError::read_log_at_index(
-                    index,
-                    AnyError::error(format!(
-                        "entry stored at {index} has log id {}",
-                        entry.log_id
-                    )),
-                )
-                .into());
-            }
-            entries.push(entry);
-        }
-        Ok(entries)
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let located = lock(&self.shared.segments).locate(start, end);
+        located.iter().map(read_entry).collect()
     }
 }
 
@@ -226,25 +294,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId<NodeId>> =
-            self.read_meta(LAST_PURGED, StorageIOError::read_logs)?;
-        let last = self
-            .log
-            .last()
-            .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
-        let last_entry = match last {
-            Some((_, value)) => {
-                let entry: Entry<TypeConfig> = decode(&value).map_err(StorageIOError::read_logs)?;
-                Some(entry.log_id)
-            }
+        let last_purged_log_id = lock(&self.shared.meta).meta.last_purged;
+        let last = lock(&self.shared.segments).last_index();
+        let last_log_id = match last {
+            Some(index) => self.entry_at(index)?.map(|e| e.log_id),
             None => None,
-        };
-        // Entries at or below the purge point may still await deletion: they do not count.
-        let last_log_id = match (last_entry, last_purged_log_id) {
-            (Some(entry), Some(purged)) if entry.index <= purged.index => Some(purged),
-            (None, purged) => purged,
-            (entry, _) => entry,
-        };
+        }
+        .or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -256,25 +312,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.write_meta(VOTE, vote, StorageIOError::write_vote)?;
-        self.syncer
-            .sync()
-            .await
+        let mut meta = lock(&self.shared.meta);
+        let next = Meta {
+            vote: Some(*vote),
+            ..meta.meta.clone()
+        };
+        meta.store(next)
             .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.read_meta(VOTE, StorageIOError::read_vote)
+        Ok(lock(&self.shared.meta).meta.vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.write_meta(COMMITTED, &committed, StorageIOError::write)
+        self.write_committed(committed)
+            .map_err(|e| StorageIOError::write(AnyError::new(&e)).into())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .read_meta::<Option<LogId<NodeId>>>(COMMITTED, StorageIOError::read)?
-            .flatten())
+        let bytes = read_all(&self.shared.committed)
+            .map_err(|e| StorageIOError::read(AnyError::new(&e)))?;
+        let Some(committed) = unseal(&bytes)
+            .and_then(|(_, payload)| decode::<Option<LogId<NodeId>>>(payload).ok())
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        // Written without a sync, it may have reached the disk before the entries it names.
+        let purged = lock(&self.shared.meta).meta.last_purged;
+        if purged.is_some_and(|p| p.index >= committed.index) {
+            return Ok(Some(committed));
+        }
+        let kept = self.entry_at(committed.index)?.map(|e| e.log_id);
+        Ok((kept == Some(committed)).then_some(committed))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -282,14 +353,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut encoded = Vec::new();
         for entry in entries {
             let bytes =
                 encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, e))?;
-            batch.insert(&index_key(entry.log_id.index), bytes);
+            encoded.push((entry.log_id.index, bytes));
         }
-        self.log
-            .apply_batch(batch)
+        lock(&self.shared.segments)
+            .append(encoded.iter().map(|(i, b)| (*i, b.as_slice())))
             .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
         self.syncer
             .after_sync(move |result| callback.log_io_completed(result));
@@ -297,31 +368,60 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(log_id.index)..) {
-            let (key, _) = item.map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-            batch.remove(key);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        self.syncer
-            .sync()
-            .await
+        lock(&self.shared.segments)
+            .truncate(log_id.index)
             .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         // Record the purge point first: a crash between the two steps leaves extra entries
-        // below it, which are harmless, never a gap above it.
-        self.write_meta(LAST_PURGED, &log_id, StorageIOError::write_logs)?;
-        self.syncer
-            .sync()
-            .await
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        self.first_kept
-            .fetch_max(log_id.index + 1, Ordering::AcqRel);
-        self.delete_through(log_id.index);
-        Ok(())
+        // below it, which are skipped on open, never a gap above it.
+        {
+            let mut meta = lock(&self.shared.meta);
+            let next = Meta {
+                last_purged: Some(log_id),
+                ..meta.meta.clone()
+            };
+            meta.store(next)
+                .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        }
+        lock(&self.shared.segments)
+            .purge(log_id.index)
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    #[test]
+    fn a_torn_meta_write_leaves_the_previous_vote_readable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let vote = |term| Meta {
+            vote: Some(Vote::new(term, 1)),
+            last_purged: Some(LogId::new(CommittedLeaderId::new(1, 1), 5)),
+        };
+        let mut meta = MetaFile::open(dir.path()).expect("open");
+        meta.store(vote(2)).expect("store");
+        meta.store(vote(3)).expect("store");
+        let newest = (meta.sequence % 2) * SLOT_BYTES as u64;
+        // The newest slot's checksum no longer matches, as after a write cut short.
+        meta.file.write_all_at(&[0xff; 4], newest).expect("tear");
+        drop(meta);
+        let meta = MetaFile::open(dir.path()).expect("reopen");
+        assert_eq!(meta.meta.vote, Some(Vote::new(2, 1)));
+        assert_eq!(meta.meta.last_purged.map(|l| l.index), Some(5));
+    }
+
+    #[test]
+    fn a_meta_file_with_no_whole_slot_is_refused_as_corrupt() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("meta"), [0x5a; 64]).expect("write");
+        let Err(error) = MetaFile::open(dir.path()) else {
+            panic!("a corrupt meta file opened");
+        };
+        assert!(error.to_string().contains("neither slot"), "{error}");
     }
 }

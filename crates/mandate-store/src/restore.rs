@@ -22,7 +22,7 @@ pub async fn restore(
     node_id: NodeId,
     member: Member,
 ) -> Result<u64, String> {
-    if dir.join("db").exists() {
+    if crate::holds_data(dir) {
         return Err(format!(
             "{} already holds a node's data; restore only into an empty directory",
             dir.display()

@@ -1,4 +1,4 @@
-//! The sled store against openraft's storage contract, and Mandate's own snapshot guarantees.
+//! The store against openraft's storage contract, and Mandate's own snapshot guarantees.
 
 use mandate_proto::v1 as pb;
 use mandate_store::{Batch, LogStore, StateMachine, TypeConfig};
@@ -7,9 +7,9 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError};
 use tempfile::TempDir;
 
-struct SledBuilder;
+struct StoreBuilderOnDisk;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for StoreBuilderOnDisk {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (log, sm) = mandate_store::open(dir.path()).expect("open store");
@@ -18,8 +18,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
 }
 
 #[test]
-fn sled_store_passes_the_openraft_storage_suite() {
-    Suite::test_all(SledBuilder).expect("openraft storage suite");
+fn the_store_passes_the_openraft_storage_suite() {
+    Suite::test_all(StoreBuilderOnDisk).expect("openraft storage suite");
 }
 
 fn entry(index: u64, commands: Vec<pb::Command>) -> Entry<TypeConfig> {
@@ -182,8 +182,11 @@ fn a_snapshot_holds_the_state_at_its_cut_though_entries_apply_while_it_is_built(
 }
 
 #[test]
-fn purged_entries_are_gone_from_disk_once_the_store_closes_and_stay_unread_until_then() {
+fn purged_entries_stay_unread_and_a_reopened_log_keeps_only_what_was_kept() {
     let dir = tempfile::tempdir().expect("dir");
+    let indexes = |entries: Vec<Entry<TypeConfig>>| -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    };
     runtime().block_on(async {
         let (mut log, _sm) = mandate_store::open(dir.path()).expect("open");
         let entries: Vec<_> = (1..=10).map(|i| entry(i, vec![register(i)])).collect();
@@ -192,28 +195,87 @@ fn purged_entries_are_gone_from_disk_once_the_store_closes_and_stay_unread_until
             .await
             .expect("purge");
         let kept = log.try_get_log_entries(0..).await.expect("read");
-        assert_eq!(
-            kept.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-            vec![7, 8, 9, 10]
-        );
+        assert_eq!(indexes(kept), vec![7, 8, 9, 10]);
+    });
+    runtime().block_on(async {
+        let (mut log, _sm) = mandate_store::open(dir.path()).expect("reopen");
+        let kept = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(indexes(kept), vec![7, 8, 9, 10]);
         let state = log.get_log_state().await.expect("log state");
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(6));
         assert_eq!(state.last_log_id.map(|l| l.index), Some(10));
     });
-    // Closing the store waits for the purge thread; what is on disk is what was kept.
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .segment_size(mandate_store::durability::SEGMENT_BYTES)
-        .open()
-        .expect("reopen sled");
-    let on_disk: Vec<u64> = db
-        .open_tree("raft-log")
-        .expect("tree")
-        .iter()
-        .keys()
-        .map(|k| u64::from_be_bytes(k.expect("key").as_ref().try_into().expect("8 bytes")))
-        .collect();
-    assert_eq!(on_disk, vec![7, 8, 9, 10]);
+}
+
+#[test]
+fn a_committed_id_ahead_of_the_durable_log_is_not_trusted_after_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+    runtime().block_on(async {
+        let (mut log, _sm) = mandate_store::open(dir.path()).expect("open");
+        let entries: Vec<_> = (1..=3).map(|i| entry(i, vec![register(i)])).collect();
+        log.blocking_append(entries).await.expect("append");
+        log.save_committed(Some(id(3))).await.expect("committed");
+        assert_eq!(log.read_committed().await.expect("read"), Some(id(3)));
+        // As if the committed id reached the disk and entry 3 did not.
+        log.truncate(id(3)).await.expect("truncate");
+    });
+    runtime().block_on(async {
+        let (mut log, _sm) = mandate_store::open(dir.path()).expect("reopen");
+        assert_eq!(log.read_committed().await.expect("read"), None);
+        log.save_committed(Some(id(2))).await.expect("committed");
+        assert_eq!(log.read_committed().await.expect("read"), Some(id(2)));
+    });
+}
+
+#[test]
+fn a_data_directory_whose_log_is_a_sled_database_opens_with_its_log_moved() {
+    let dir = tempfile::tempdir().expect("dir");
+    let id = |index| LogId::new(CommittedLeaderId::new(2, 1), index);
+    let vote = openraft::Vote::new_committed(2, 1);
+    // The layout of earlier releases: the log and its metadata in a sled database under `db`.
+    {
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .segment_size(mandate_store::durability::SEGMENT_BYTES)
+            .open()
+            .expect("old layout");
+        let log = db.open_tree("raft-log").expect("log tree");
+        for i in 3..=8 {
+            let mut e = entry(i, vec![register(i)]);
+            e.log_id = id(i);
+            log.insert(i.to_be_bytes(), bincode::serialize(&e).expect("encode"))
+                .expect("insert");
+        }
+        let meta = db.open_tree("raft-meta").expect("meta tree");
+        let put = |key: &str, bytes: Vec<u8>| {
+            meta.insert(key, bytes).expect("insert");
+        };
+        put("vote", bincode::serialize(&vote).expect("encode"));
+        put("last-purged", bincode::serialize(&id(4)).expect("encode"));
+        put(
+            "committed",
+            bincode::serialize(&Some(id(7))).expect("encode"),
+        );
+        db.flush().expect("flush");
+    }
+    runtime().block_on(async {
+        let (mut log, _sm) = mandate_store::open(dir.path()).expect("open the old layout");
+        let kept = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(
+            kept.iter().map(|e| e.log_id).collect::<Vec<_>>(),
+            (5..=8).map(id).collect::<Vec<_>>()
+        );
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        assert_eq!(log.read_committed().await.expect("committed"), Some(id(7)));
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id, Some(id(4)));
+        assert_eq!(state.last_log_id, Some(id(8)));
+    });
+    assert!(
+        !dir.path().join("db").exists(),
+        "the old database is removed"
+    );
 }
 
 #[test]
@@ -249,13 +311,8 @@ fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_st
         let (applied, _) = sm.applied_state().await.expect("applied");
         assert_eq!(applied.map(|l| l.index), Some(2));
     });
-    let db = sled::Config::new()
-        .path(old.path().join("db"))
-        .segment_size(mandate_store::durability::SEGMENT_BYTES)
-        .open()
-        .expect("reopen the log database");
     assert!(
-        !db.tree_names().iter().any(|n| n.as_ref() == b"state"),
-        "the old state tree is dropped from the log database"
+        !old.path().join("db").exists(),
+        "the old database, state tree and all, is removed once moved"
     );
 }
