@@ -478,7 +478,8 @@ pub fn read(located: &Located) -> io::Result<Vec<u8>> {
     let mut header = [0u8; RECORD_HEADER];
     header.copy_from_slice(&bytes[..RECORD_HEADER]);
     let header = parse_header(&header);
-    let payload = bytes.split_off(RECORD_HEADER);
+    bytes.drain(..RECORD_HEADER);
+    let payload = bytes;
     if header.index != located.index
         || header.len != located.len
         || checksum(header.index, &payload) != header.crc
