@@ -2,7 +2,8 @@
 //! provides [`StateRead`] over sled; [`Overlay`] collects one batch's writes on top of it so later
 //! commands of the batch see earlier ones, and so the whole batch is written atomically.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
 
@@ -24,10 +25,13 @@ pub trait StateRead {
         -> Result<Vec<KeyValue>, StorageFault>;
 }
 
-/// Pending writes (`None` = delete) layered over a base state.
+/// Pending writes (`None` = delete) layered over a base state. The base does not change while
+/// an overlay is over it, so what a key read from the base is kept: commands of one batch read
+/// the same records (the cluster, its signing key, an agent, its delegations) again and again.
 pub struct Overlay<'a, S: StateRead + ?Sized> {
     base: &'a S,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
@@ -35,6 +39,7 @@ impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
         Overlay {
             base,
             writes: BTreeMap::new(),
+            read: RefCell::default(),
         }
     }
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -54,10 +59,15 @@ impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
 
 impl<S: StateRead + ?Sized> StateRead for Overlay<'_, S> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
-        match self.writes.get(key) {
-            Some(value) => Ok(value.clone()),
-            None => self.base.get(key),
+        if let Some(value) = self.writes.get(key) {
+            return Ok(value.clone());
         }
+        if let Some(value) = self.read.borrow().get(key) {
+            return Ok(value.clone());
+        }
+        let value = self.base.get(key)?;
+        self.read.borrow_mut().insert(key.to_vec(), value.clone());
+        Ok(value)
     }
 
     fn scan_prefix_first(
@@ -158,3 +168,67 @@ pub trait StateExt: StateRead {
 }
 
 impl<T: StateRead + ?Sized> StateExt for T {}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// A base that counts its reads.
+    struct Counting {
+        entries: BTreeMap<Vec<u8>, Vec<u8>>,
+        gets: Cell<usize>,
+    }
+
+    impl StateRead for Counting {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
+            self.gets.set(self.gets.get() + 1);
+            Ok(self.entries.get(key).cloned())
+        }
+
+        fn scan_prefix_first(
+            &self,
+            prefix: &[u8],
+            limit: usize,
+        ) -> Result<Vec<KeyValue>, StorageFault> {
+            self.entries.scan_prefix_first(prefix, limit)
+        }
+    }
+
+    #[test]
+    fn an_overlay_reads_each_base_key_once_and_its_own_writes_win_over_what_it_read() {
+        let base = Counting {
+            entries: BTreeMap::from([
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+            ]),
+            gets: Cell::new(0),
+        };
+        let mut overlay = Overlay::new(&base);
+        for _ in 0..3 {
+            assert_eq!(overlay.get(b"a").expect("get"), Some(b"1".to_vec()));
+            assert_eq!(overlay.get(b"missing").expect("get"), None);
+        }
+        assert_eq!(
+            base.gets.get(),
+            2,
+            "one base read per key, present or absent"
+        );
+
+        assert_eq!(overlay.get(b"b").expect("get"), Some(b"2".to_vec()));
+        overlay.put(b"a".to_vec(), b"3".to_vec());
+        overlay.delete(b"b".to_vec());
+        overlay.put(b"missing".to_vec(), b"4".to_vec());
+        assert_eq!(overlay.get(b"a").expect("get"), Some(b"3".to_vec()));
+        assert_eq!(overlay.get(b"b").expect("get"), None);
+        assert_eq!(overlay.get(b"missing").expect("get"), Some(b"4".to_vec()));
+        assert_eq!(
+            overlay.scan_prefix(b"").expect("scan"),
+            vec![
+                (b"a".to_vec(), b"3".to_vec()),
+                (b"missing".to_vec(), b"4".to_vec())
+            ]
+        );
+    }
+}
