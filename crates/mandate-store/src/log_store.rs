@@ -29,8 +29,6 @@ use crate::types::{NodeId, TypeConfig};
 
 /// Bytes of one `meta` slot.
 const SLOT_BYTES: usize = 512;
-/// crc (u32), length (u32), sequence (u64).
-const SLOT_HEADER: usize = 16;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -55,30 +53,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AnyError> {
     bincode::deserialize(bytes).map_err(|e| AnyError::new(&*e))
 }
 
-/// A checksummed value: crc over sequence and payload, then length, sequence, payload.
+/// A checksummed slot value: the log's record framing, with `sequence` as the index.
 fn seal(sequence: u64, payload: &[u8]) -> Vec<u8> {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&sequence.to_le_bytes());
-    crc.update(payload);
-    let mut out = Vec::with_capacity(SLOT_HEADER + payload.len());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&sequence.to_le_bytes());
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    segments::encode_record(&mut out, sequence, payload);
     out
-}
-
-/// The sequence and payload of a sealed value, if it is whole.
-fn unseal(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let header = bytes.get(..SLOT_HEADER)?;
-    let crc = u32::from_le_bytes(header[0..4].try_into().ok()?);
-    let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
-    let sequence = u64::from_le_bytes(header[8..16].try_into().ok()?);
-    let payload = bytes.get(SLOT_HEADER..SLOT_HEADER + len)?;
-    let mut check = crc32fast::Hasher::new();
-    check.update(&sequence.to_le_bytes());
-    check.update(payload);
-    (check.finalize() == crc).then_some((sequence, payload))
 }
 
 fn read_all(file: &File) -> io::Result<Vec<u8>> {
@@ -110,7 +89,7 @@ impl MetaFile {
         let bytes = read_all(&file).map_err(|e| OpenError::io(&path, e))?;
         let newest = bytes
             .chunks(SLOT_BYTES)
-            .filter_map(unseal)
+            .filter_map(segments::decode_record)
             .max_by_key(|(sequence, _)| *sequence);
         let (sequence, meta) = match newest {
             None if bytes.iter().any(|b| *b != 0) => {
@@ -333,7 +312,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
         let bytes = read_all(&self.shared.committed)
             .map_err(|e| StorageIOError::read(AnyError::new(&e)))?;
-        let Some(committed) = unseal(&bytes)
+        let Some(committed) = segments::decode_record(&bytes)
             .and_then(|(_, payload)| decode::<Option<LogId<NodeId>>>(payload).ok())
             .flatten()
         else {

@@ -81,7 +81,9 @@ fn checksum(index: u64, payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-fn encode_record(buf: &mut Vec<u8>, index: u64, payload: &[u8]) {
+/// Appends one record (header, then payload) to `buf`. The log's `meta` and `committed` slots
+/// use the same framing, with a sequence number in place of the index.
+pub fn encode_record(buf: &mut Vec<u8>, index: u64, payload: &[u8]) {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&checksum(index, payload).to_le_bytes());
@@ -105,6 +107,14 @@ fn parse_header(bytes: &[u8; RECORD_HEADER]) -> Header {
         crc: word(4),
         index: u64::from_le_bytes(index),
     }
+}
+
+/// The index and payload of the whole record at the start of `bytes`, if it is one.
+pub fn decode_record(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let header: &[u8; RECORD_HEADER] = bytes.get(..RECORD_HEADER)?.try_into().ok()?;
+    let header = parse_header(header);
+    let payload = bytes.get(RECORD_HEADER..RECORD_HEADER + header.len as usize)?;
+    (checksum(header.index, payload) == header.crc).then_some((header.index, payload))
 }
 
 /// Syncs a directory, so that files created, renamed or removed in it stay so.
@@ -475,15 +485,10 @@ impl Segments {
 pub fn read(located: &Located) -> io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; RECORD_HEADER + located.len as usize];
     located.file.read_exact_at(&mut bytes, located.offset)?;
-    let mut header = [0u8; RECORD_HEADER];
-    header.copy_from_slice(&bytes[..RECORD_HEADER]);
-    let header = parse_header(&header);
-    bytes.drain(..RECORD_HEADER);
-    let payload = bytes;
-    if header.index != located.index
-        || header.len != located.len
-        || checksum(header.index, &payload) != header.crc
-    {
+    let whole = decode_record(&bytes).is_some_and(|(index, payload)| {
+        index == located.index && payload.len() == located.len as usize
+    });
+    if !whole {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -492,7 +497,8 @@ pub fn read(located: &Located) -> io::Result<Vec<u8>> {
             ),
         ));
     }
-    Ok(payload)
+    bytes.drain(..RECORD_HEADER);
+    Ok(bytes)
 }
 
 #[cfg(test)]
