@@ -226,17 +226,17 @@ fn an_edit_to_a_stored_record_is_found_by_verify_at_its_position() {
     );
     c.stop();
 
-    let db = sled::Config::new()
-        .path(c.dir.path().join("node-1/state"))
-        .segment_size(mandate_store::durability::SEGMENT_BYTES)
+    let db = fjall::Database::builder(c.dir.path().join("node-1/state"))
         .open()
         .expect("open the node's state database");
-    let tree = db.open_tree("state").expect("state tree");
+    let tree = db
+        .keyspace("state", fjall::KeyspaceCreateOptions::default)
+        .expect("state keyspace");
     let stored = tree.get(&key).expect("read").expect("the record is stored");
     let mut record = pb::AuditRecord::decode(stored.as_ref()).expect("decode");
     record.actor = "tok_someone_else".into();
     tree.insert(&key, record.encode_to_vec()).expect("write");
-    db.flush().expect("flush");
+    db.persist(fjall::PersistMode::SyncAll).expect("persist");
     drop(tree);
     drop(db);
 

@@ -1,24 +1,18 @@
 //! Making writes durable. A [`Syncer`] thread runs one sync for every request waiting on it:
 //! requests that arrive while a sync runs share the next one (group commit), since one sync
 //! makes every earlier write durable. The raft log's sync is `fdatasync` of its last segment
-//! file ([`crate::log_store`]); the state database's is a sled flush followed by `fsync`.
-//!
-//! sled 0.34's `flush` ends with `sync_file_range`, which neither flushes the drive's cache nor
-//! the file's metadata (sled issue #1452), hence the `fsync` of its database file after it.
-//! sled writes values too large for a segment to separate blob files that it never fsyncs; the
-//! segment size is raised to [`SEGMENT_BYTES`] so that every value Mandate writes stays inline
-//! in the fsynced database file. Snapshots are written to their own files with
-//! write-fsync-rename.
+//! file ([`crate::log_store`]); the state store's is fjall's journal persisted with
+//! `PersistMode::SyncAll` (its sorted tables are synced by fjall when it writes them).
+//! Snapshots are written to their own files with write-fsync-rename.
 
-use std::fs::File;
 use std::io;
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::error::OpenError;
 
-/// sled segment size. Values up to a quarter of this stay inline in the database file.
+/// The segment size earlier releases gave their sled databases; sled opens one only with the
+/// size it was created with, so moving old data needs it.
 pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
@@ -88,14 +82,15 @@ impl Syncer {
         })
     }
 
-    /// A syncer that flushes the sled database in `db_dir` and fsyncs its file.
-    pub fn for_sled(db: sled::Db, db_dir: &Path, mode: SyncMode) -> Result<Self, OpenError> {
-        let db_file_path = db_dir.join("db");
-        let db_file = File::open(&db_file_path).map_err(|e| OpenError::io(&db_file_path, e))?;
+    /// A syncer that persists the state store's journal to disk.
+    pub fn for_state(db: fjall::Database, mode: SyncMode) -> Result<Self, OpenError> {
         Self::start(
             "mandate-stsync",
             mode,
-            Box::new(move || sync_now(&db, &db_file)),
+            Box::new(move || {
+                db.persist(fjall::PersistMode::SyncAll)
+                    .map_err(io::Error::other)
+            }),
         )
     }
 
@@ -148,19 +143,4 @@ fn run(sync: &(dyn Fn() -> io::Result<()> + Send + Sync), rx: mpsc::Receiver<Wai
             waiter(shared);
         }
     }
-}
-
-/// Flushes the sled database in `db_dir` and fsyncs its file, on this thread.
-pub(crate) fn sync_db(db: &sled::Db, db_dir: &Path) -> Result<(), OpenError> {
-    let path = db_dir.join("db");
-    let file = File::open(&path).map_err(|e| OpenError::io(&path, e))?;
-    sync_now(db, &file).map_err(|e| OpenError::io(&path, e))
-}
-
-/// Flushes sled's buffers and fsyncs the database file.
-fn sync_now(db: &sled::Db, db_file: &File) -> io::Result<()> {
-    db.flush()
-        .map(|_| ())
-        .map_err(io::Error::other)
-        .and_then(|()| db_file.sync_all())
 }

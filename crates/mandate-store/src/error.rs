@@ -6,6 +6,8 @@ use std::path::Path;
 pub enum OpenError {
     #[error("cannot open the sled database at {0}: {1}")]
     Sled(String, #[source] sled::Error),
+    #[error("state store ({0}): {1}")]
+    State(String, #[source] fjall::Error),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,

@@ -1,27 +1,28 @@
 //! Storage for a Mandate node: the raft log and vote ([`LogStore`]), the materialized state
-//! machine on sled ([`StateMachine`]) and its snapshots.
+//! machine ([`StateMachine`]) and its snapshots.
 //!
 //! Under a node's data directory: `log` holds the raft log — append-only segment files of
 //! checksummed entries, the vote and purge point (`meta`) and the committed log id
-//! (`committed`). `state` is a sled database holding the `state` tree: every key of the
-//! materialized state, plus the applied log id and membership under the storage-owned `\0`
-//! prefix, so that state and `last_applied` always change in one atomic sled batch.
-//! `snapshots` holds single files written with write-fsync-rename.
+//! (`committed`). `state` is a fjall database (an LSM tree) whose `state` keyspace holds every
+//! key of the materialized state, plus the applied log id and membership under the
+//! storage-owned `\0` prefix, so that state and `last_applied` always change in one atomic
+//! batch. `snapshots` holds single files written with write-fsync-rename.
 //!
 //! Durability: a log append is reported complete, and `save_vote` returns, only after the
-//! segment (or `meta`) has been `fdatasync`ed (see [`durability`]). The state is flushed by
-//! sled in the background, and synced before a snapshot lets the log be purged and after a
+//! segment (or `meta`) has been `fdatasync`ed (see [`durability`]). The state's journal is
+//! written without a sync, and synced before a snapshot lets the log be purged and after a
 //! snapshot is installed. After a crash the state is a consistent prefix of what was applied
-//! and openraft applies the rest again from the log.
+//! (the journal is replayed up to its last whole batch) and openraft applies the rest again
+//! from the log.
 //!
-//! Data directories from earlier releases kept the log in a sled database under `db` (and,
-//! before that, the state there too); opening one moves both into this layout.
+//! Data directories from earlier releases kept the state in a sled database under `state`, and
+//! before that the log (and the state) in a sled database under `db`; opening one moves them
+//! into this layout.
 
 // openraft's storage traits return `StorageError`, which is large; our helpers return the same
 // type so that errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
-mod cut;
 pub mod durability;
 pub mod error;
 pub mod log_store;
@@ -39,67 +40,100 @@ pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StateView};
 pub use types::{Batch, BatchOutcome, Member, NodeId, TypeConfig};
 
-/// sled's page cache for a node's state. sled's default (1 GiB) on top of the state's own
-/// working set put a node past 2 GiB resident at a million delegations; pages outside it are
-/// read back through the kernel's page cache.
+/// The state store's block cache. Blocks outside it are read back through the kernel's page
+/// cache; 256 MiB kept a node well under 2 GiB resident at a million delegations with sled, and
+/// an LSM tree's blocks are smaller than sled's pages for the same records.
 pub const STATE_CACHE_BYTES: u64 = 256 * 1024 * 1024;
-/// sled's page cache for an old layout's log database, while it is moved.
-const OLD_LOG_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// The state store's journals: once they exceed this, the oldest memtables are flushed so the
+/// journal can go. It bounds what a restart replays (fjall's minimum).
+const STATE_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// The state store's write buffer per memtable.
+const STATE_MEMTABLE_BYTES: u64 = 32 * 1024 * 1024;
+/// sled's page cache for an earlier release's database, while its data is moved.
+const OLD_DB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Opens (or creates) the storage of one node under `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     open_with(dir, SyncMode::GroupCommit)
 }
 
-fn open_db(dir: &Path, cache_bytes: u64, mode: SyncMode) -> Result<sled::Db, OpenError> {
-    let mut config = sled::Config::new()
+fn open_sled(dir: &Path) -> Result<sled::Db, OpenError> {
+    sled::Config::new()
         .path(dir)
         .segment_size(durability::SEGMENT_BYTES)
-        .cache_capacity(cache_bytes);
-    if mode == SyncMode::Inline {
-        // No background flusher either: every flush is one the node asked for.
-        config = config.flush_every_ms(None);
-    }
-    config
+        .cache_capacity(OLD_DB_CACHE_BYTES)
+        .flush_every_ms(None)
         .open()
         .map_err(|e| OpenError::Sled(dir.display().to_string(), e))
+}
+
+/// The state database and its one keyspace.
+pub(crate) struct StateDb {
+    pub(crate) db: fjall::Database,
+    pub(crate) tree: fjall::Keyspace,
+}
+
+fn open_state_db(dir: &Path, mode: SyncMode) -> Result<StateDb, OpenError> {
+    let err = |what: &str| {
+        let what = format!("{what} at {}", dir.display());
+        move |e| OpenError::State(what, e)
+    };
+    let mut builder = fjall::Database::builder(dir)
+        .cache_size(STATE_CACHE_BYTES)
+        .max_journaling_size(STATE_JOURNAL_BYTES)
+        // Apply's batches stay in fjall's buffer until the state is synced or the buffer
+        // fills: a crash loses only a suffix, which the raft log applies again.
+        .manual_journal_persist(true);
+    if mode == SyncMode::Inline {
+        builder = builder.worker_threads(1);
+    }
+    let db = builder.open().map_err(err("opening"))?;
+    let tree = db
+        .keyspace(STATE_TREE, || {
+            fjall::KeyspaceCreateOptions::default().max_memtable_size(STATE_MEMTABLE_BYTES)
+        })
+        .map_err(err("opening the state keyspace"))?;
+    Ok(StateDb { db, tree })
 }
 
 /// Opens the storage of one node, making writes durable as `mode` says.
 pub fn open_with(dir: &Path, mode: SyncMode) -> Result<(LogStore, StateMachine), OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::io(dir, e))?;
     let state_dir = dir.join("state");
-    let state_db = open_db(&state_dir, STATE_CACHE_BYTES, mode)?;
-    move_old_log_db(dir, &state_db, &state_dir, mode)?;
+    let old_state_dir = dir.join(OLD_STATE_DIR);
+    if state_dir.join("db").exists() {
+        // An earlier release's sled state: set it aside, the new store takes its place.
+        std::fs::rename(&state_dir, &old_state_dir).map_err(|e| OpenError::io(&state_dir, e))?;
+        segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
+    }
+    let state = open_state_db(&state_dir, mode)?;
+    move_old_state(dir, &state)?;
+    move_old_log_db(dir)?;
     let log = LogStore::open(&dir.join("log"), mode)?;
-    let state_syncer = durability::Syncer::for_sled(state_db.clone(), &state_dir, mode)?;
-    let sm = StateMachine::open(&state_db, state_syncer, &dir.join("snapshots"))?;
+    let state_syncer = durability::Syncer::for_state(state.db.clone(), mode)?;
+    let sm = StateMachine::open(state, state_syncer, &dir.join("snapshots"))?;
     Ok((log, sm))
 }
 
 /// Whether `dir` holds a node's data.
 pub fn holds_data(dir: &Path) -> bool {
-    ["log", "db", "state"].iter().any(|d| dir.join(d).exists())
+    ["log", "db", "state", OLD_STATE_DIR]
+        .iter()
+        .any(|d| dir.join(d).exists())
 }
 
-/// Moves an old layout's sled log database (`db`) into the log directory: its state tree, if
-/// any, into the state database first; then the entries, vote, purge point and committed id
-/// into a fresh directory, synced and renamed into place; then `db` is removed. A crash part
-/// way repeats the unfinished steps on the next open.
-fn move_old_log_db(
-    dir: &Path,
-    state_db: &sled::Db,
-    state_dir: &Path,
-    mode: SyncMode,
-) -> Result<(), OpenError> {
+/// Moves an old layout's sled log database (`db`) into the log directory (its state tree, if
+/// any, was moved by [`move_old_state`]): the entries, vote, purge point and committed id into
+/// a fresh directory, synced and renamed into place; then `db` is removed. A crash part way
+/// repeats the unfinished steps on the next open.
+fn move_old_log_db(dir: &Path) -> Result<(), OpenError> {
     let old_dir = dir.join("db");
     if !old_dir.exists() {
         return Ok(());
     }
     let log_dir = dir.join("log");
     {
-        let old = open_db(&old_dir, OLD_LOG_CACHE_BYTES, mode)?;
-        move_state_out_of_log_db(&old, &old_dir, state_db, state_dir)?;
+        let old = open_sled(&old_dir)?;
         if !log_dir.exists() {
             let moving = dir.join("log.moving");
             if moving.exists() {
@@ -162,53 +196,73 @@ fn copy_old_log(old: &sled::Db, to: &Path) -> Result<usize, OpenError> {
     Ok(moved)
 }
 
-/// Name of the state tree, in the state database (and, in data directories written before the
-/// state had its own database, in the log database).
+/// Name of the state keyspace, and of the state tree in earlier releases' sled databases.
 pub(crate) const STATE_TREE: &str = "state";
+/// Where an earlier release's sled state database is set aside while it is moved.
+const OLD_STATE_DIR: &str = "state.sled";
 /// Keys copied per batch when moving an old layout's state.
 const MOVE_CHUNK: usize = 4096;
 
-/// Data directories written before the state had its own database keep the state tree in the
-/// log database: copy it over, make the copy durable, then drop the old tree. A crash part way
-/// leaves the old tree in place, so the next open copies it again (the copy is idempotent).
-fn move_state_out_of_log_db(
-    log_db: &sled::Db,
-    log_dir: &Path,
-    state_db: &sled::Db,
-    state_dir: &Path,
-) -> Result<(), OpenError> {
+/// Moves the state of an earlier release into the new store: from the state tree of the old
+/// log database (`db`), the oldest layout, or else from the sled state database set aside as
+/// `state.sled`. The copy is made durable before the old copy is removed; a crash part way
+/// copies again on the next open (the new store was empty before, and nothing else writes to
+/// it while the node opens, so copying again is harmless).
+fn move_old_state(dir: &Path, state: &StateDb) -> Result<(), OpenError> {
+    let old_log_dir = dir.join("db");
+    let old_state_dir = dir.join(OLD_STATE_DIR);
     let sled_err = |what: &'static str| move |e| OpenError::Sled(what.into(), e);
-    if !log_db
-        .tree_names()
-        .iter()
-        .any(|name| name.as_ref() == STATE_TREE.as_bytes())
-    {
-        return Ok(());
-    }
-    let old = log_db
-        .open_tree(STATE_TREE)
-        .map_err(sled_err("the log database's old state tree"))?;
-    let new = state_db
-        .open_tree(STATE_TREE)
-        .map_err(sled_err("tree state"))?;
-    let mut batch = sled::Batch::default();
-    let mut copied = 0usize;
-    for item in old.iter() {
-        let (key, value) = item.map_err(sled_err("reading the old state tree"))?;
-        batch.insert(key, value);
-        copied += 1;
-        if copied.is_multiple_of(MOVE_CHUNK) {
-            new.apply_batch(std::mem::take(&mut batch))
-                .map_err(sled_err("copying the state"))?;
+    let mut copied = None;
+    if old_log_dir.exists() {
+        let old = open_sled(&old_log_dir)?;
+        if old
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == STATE_TREE.as_bytes())
+        {
+            let tree = old
+                .open_tree(STATE_TREE)
+                .map_err(sled_err("the log database's old state tree"))?;
+            copied = Some(copy_tree(&tree, state)?);
         }
     }
-    new.apply_batch(batch)
-        .map_err(sled_err("copying the state"))?;
-    durability::sync_db(state_db, state_dir)?;
-    log_db
-        .drop_tree(STATE_TREE)
-        .map_err(sled_err("dropping the old state tree"))?;
-    durability::sync_db(log_db, log_dir)?;
-    tracing::info!(keys = copied, "moved the state into its own database");
+    if copied.is_none() && old_state_dir.exists() {
+        let old = open_sled(&old_state_dir)?;
+        let tree = old
+            .open_tree(STATE_TREE)
+            .map_err(sled_err("the old state database's tree"))?;
+        copied = Some(copy_tree(&tree, state)?);
+    }
+    let Some(copied) = copied else {
+        return Ok(());
+    };
+    state
+        .db
+        .persist(fjall::PersistMode::SyncAll)
+        .map_err(|e| OpenError::State("syncing the moved state".into(), e))?;
+    if old_state_dir.exists() {
+        std::fs::remove_dir_all(&old_state_dir).map_err(|e| OpenError::io(&old_state_dir, e))?;
+        segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
+    }
+    tracing::info!(keys = copied, "moved the state into the LSM state store");
     Ok(())
+}
+
+/// Copies every key of a sled tree into the state store; returns how many.
+fn copy_tree(from: &sled::Tree, to: &StateDb) -> Result<usize, OpenError> {
+    let write_err = |e| OpenError::State("copying the state".into(), e);
+    let mut batch = to.db.batch();
+    let mut copied = 0usize;
+    for item in from.iter() {
+        let (key, value) = item.map_err(|e| OpenError::Sled("reading the old state".into(), e))?;
+        batch.insert(&to.tree, key.as_ref(), value.as_ref());
+        copied += 1;
+        if copied.is_multiple_of(MOVE_CHUNK) {
+            std::mem::replace(&mut batch, to.db.batch())
+                .commit()
+                .map_err(write_err)?;
+        }
+    }
+    batch.commit().map_err(write_err)?;
+    Ok(copied)
 }

@@ -1,11 +1,11 @@
-//! The state machine on sled ([`openraft::storage::RaftStateMachine`]).
+//! The state machine ([`openraft::storage::RaftStateMachine`]) on the state store.
 //!
 //! `apply` decodes each entry's command batch, runs `mandate_core::apply::apply_batch` over an
-//! overlay of the `state` tree, and writes the overlay, the applied log id and the membership in
-//! one atomic sled batch. Readers use a [`StateView`], which sees only whole batches.
+//! overlay of the `state` keyspace, and writes the overlay, the applied log id and the
+//! membership in one atomic batch. Readers use a [`StateView`], which sees only whole batches.
 //!
-//! A snapshot is a [`cut`](crate::cut) of the tree at the applied index, opened between two
-//! applies and read on a blocking thread while apply goes on.
+//! A snapshot reads a read snapshot of the store taken at the applied index, opened between
+//! two applies and read on a blocking thread while apply goes on.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -19,18 +19,18 @@ use openraft::{
 };
 use tokio::sync::watch;
 
-use crate::cut::{CutReader, Cuts};
+use fjall::Readable;
+
 use crate::durability::Syncer;
 use crate::error::OpenError;
 use crate::snapshot::{self, SnapshotDir};
 use crate::types::{BatchOutcome, Member, NodeId, TypeConfig};
+use crate::StateDb;
 
 /// Storage-owned key: the applied log id (bincode).
 const APPLIED: &[u8] = b"\x00applied";
 /// Storage-owned key: the last membership applied (bincode).
 const MEMBERSHIP: &[u8] = b"\x00membership";
-/// Entries a snapshot reader takes from the tree at a time (apply waits at most for one chunk).
-const CUT_CHUNK: usize = 1024;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
@@ -38,7 +38,7 @@ type Membership = StoredMembership<NodeId, Member>;
 /// A read-only view of the materialized state; cheap to clone.
 #[derive(Clone)]
 pub struct StateView {
-    tree: sled::Tree,
+    tree: fjall::Keyspace,
     applied: watch::Receiver<u64>,
 }
 
@@ -47,7 +47,7 @@ impl StateRead for StateView {
         self.tree
             .get(key)
             .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| StorageFault(format!("reading the state tree: {e}")))
+            .map_err(|e| StorageFault(format!("reading the state: {e}")))
     }
 
     fn scan_prefix_first(
@@ -66,21 +66,22 @@ impl StateView {
         prefix: &[u8],
         start: &[u8],
     ) -> impl Iterator<Item = Result<KeyValue, StorageFault>> + '_ {
-        let from = if start > prefix {
-            start.to_vec()
+        let items = if start > prefix {
+            self.tree.range(start.to_vec()..)
         } else {
-            prefix.to_vec()
+            self.tree.prefix(prefix)
         };
         let prefix = prefix.to_vec();
-        self.tree
-            .range(from..)
+        items
+            .map(|guard| {
+                guard
+                    .into_inner()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| StorageFault(format!("scanning the state: {e}")))
+            })
             .take_while(move |item| match item {
                 Ok((k, _)) => k.starts_with(&prefix),
                 Err(_) => true,
-            })
-            .map(|item| {
-                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|e| StorageFault(format!("scanning the state tree: {e}")))
             })
     }
 
@@ -102,20 +103,19 @@ impl StateView {
 
 /// The state machine of one node.
 pub struct StateMachine {
-    tree: sled::Tree,
+    db: fjall::Database,
+    tree: fjall::Keyspace,
     engine: mandate_core::policy::Engine,
     syncer: Syncer,
     snapshots: SnapshotDir,
     applied_tx: watch::Sender<u64>,
     view: StateView,
-    cuts: Cuts,
 }
 
-fn bincode_get<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
-    key: &[u8],
+fn bincode_decode<T: serde::de::DeserializeOwned>(
+    read: fjall::Result<Option<fjall::Slice>>,
 ) -> Result<Option<T>, AnyError> {
-    match tree.get(key).map_err(|e| AnyError::new(&e))? {
+    match read.map_err(|e| AnyError::new(&e))? {
         None => Ok(None),
         Some(bytes) => bincode::deserialize(&bytes)
             .map(Some)
@@ -124,41 +124,40 @@ fn bincode_get<T: serde::de::DeserializeOwned>(
 }
 
 fn bincode_put<T: serde::Serialize>(
-    batch: &mut sled::Batch,
+    batch: &mut fjall::OwnedWriteBatch,
+    tree: &fjall::Keyspace,
     key: &[u8],
     value: &T,
 ) -> Result<(), AnyError> {
     let bytes = bincode::serialize(value).map_err(|e| AnyError::new(&*e))?;
-    batch.insert(key, bytes);
+    batch.insert(tree, key, bytes);
     Ok(())
 }
 
 impl StateMachine {
     pub(crate) fn open(
-        db: &sled::Db,
+        state: StateDb,
         syncer: Syncer,
         snapshot_dir: &Path,
     ) -> Result<Self, OpenError> {
-        let tree = db
-            .open_tree(crate::STATE_TREE)
-            .map_err(|e| OpenError::Sled("tree state".into(), e))?;
+        let StateDb { db, tree } = state;
         let snapshots =
             SnapshotDir::open(snapshot_dir).map_err(|e| OpenError::io(snapshot_dir, e))?;
         let applied: Option<LogId<NodeId>> =
-            bincode_get(&tree, APPLIED).map_err(|e| OpenError::Corrupt(e.to_string()))?;
+            bincode_decode(tree.get(APPLIED)).map_err(|e| OpenError::Corrupt(e.to_string()))?;
         let (applied_tx, applied_rx) = watch::channel(applied.map_or(0, |l| l.index));
         let view = StateView {
             tree: tree.clone(),
             applied: applied_rx,
         };
         Ok(StateMachine {
+            db,
             tree,
             engine: mandate_core::policy::Engine::default(),
             syncer,
             snapshots,
             applied_tx,
             view,
-            cuts: Cuts::default(),
         })
     }
 
@@ -169,24 +168,18 @@ impl StateMachine {
 
     fn read_applied(&self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
         let applied =
-            bincode_get(&self.tree, APPLIED).map_err(StorageIOError::read_state_machine)?;
-        let membership = bincode_get(&self.tree, MEMBERSHIP)
+            bincode_decode(self.tree.get(APPLIED)).map_err(StorageIOError::read_state_machine)?;
+        let membership = bincode_decode(self.tree.get(MEMBERSHIP))
             .map_err(StorageIOError::read_state_machine)?
             .unwrap_or_default();
         Ok((applied, membership))
     }
+}
 
-    /// Writes `batch`, which touches `keys`, after saving what open snapshot cuts need.
-    fn write<'k>(
-        &self,
-        keys: impl IntoIterator<Item = &'k [u8]>,
-        batch: sled::Batch,
-    ) -> StorageResult<()> {
-        self.cuts
-            .before_write(&self.tree, keys)
-            .and_then(|()| self.tree.apply_batch(batch))
-            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)).into())
-    }
+fn commit(batch: fjall::OwnedWriteBatch) -> StorageResult<()> {
+    batch
+        .commit()
+        .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)).into())
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -242,34 +235,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(outcomes);
         };
         let writes = overlay.into_writes();
-        let mut batch = sled::Batch::default();
-        for (key, value) in &writes {
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), writes.len() + 2);
+        for (key, value) in writes {
             assert!(
                 !key.starts_with(keys::STORAGE_PREFIX),
                 "the domain wrote a storage-owned key"
             );
             match value {
-                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
-                None => batch.remove(key.as_slice()),
+                Some(v) => batch.insert(&self.tree, key, v),
+                None => batch.remove(&self.tree, key),
             }
         }
-        bincode_put(&mut batch, APPLIED, &last).map_err(StorageIOError::write_state_machine)?;
-        bincode_put(&mut batch, MEMBERSHIP, &membership)
+        bincode_put(&mut batch, &self.tree, APPLIED, &last)
             .map_err(StorageIOError::write_state_machine)?;
-        let touched = writes
-            .keys()
-            .map(Vec::as_slice)
-            .chain([APPLIED, MEMBERSHIP]);
-        self.write(touched, batch)?;
+        bincode_put(&mut batch, &self.tree, MEMBERSHIP, &membership)
+            .map_err(StorageIOError::write_state_machine)?;
+        commit(batch)?;
         self.applied_tx.send_replace(last.index);
         Ok(outcomes)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Open the cut now, while apply cannot run; the builder reads it while apply goes on.
+        // Take the read snapshot now, while apply cannot run; the builder reads it while apply
+        // goes on.
+        let cut = CutReader {
+            snapshot: self.db.snapshot(),
+            tree: self.tree.clone(),
+        };
         let cut = self
             .read_applied()
-            .map(|(applied, membership)| (applied, membership, self.cuts.begin(&self.tree)));
+            .map(|(applied, membership)| (applied, membership, cut));
         SnapshotBuilder {
             cut: Some(cut),
             snapshots: self.snapshots.clone(),
@@ -291,34 +286,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (_, entries) = snapshot::decode(&bytes)
             .map_err(|e| StorageIOError::read_snapshot(signature.clone(), AnyError::error(e)))?;
         // One atomic batch: every old key goes, every snapshot key comes, applied state is set.
-        let mut batch = sled::Batch::default();
+        let mut batch = self.db.batch();
         let keep: std::collections::BTreeSet<&[u8]> =
             entries.iter().map(|e| e.key.as_slice()).collect();
-        let mut removed = Vec::new();
-        for item in self.tree.iter() {
-            let (key, _) =
-                item.map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        for guard in self.tree.iter() {
+            let key = guard
+                .key()
+                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
             if !keep.contains(key.as_ref()) {
-                batch.remove(key.clone());
-                removed.push(key);
+                batch.remove(&self.tree, key);
             }
         }
         for entry in &entries {
-            batch.insert(entry.key.as_slice(), entry.value.as_slice());
+            batch.insert(&self.tree, entry.key.as_slice(), entry.value.as_slice());
         }
         match &meta.last_log_id {
-            Some(log_id) => bincode_put(&mut batch, APPLIED, log_id)
+            Some(log_id) => bincode_put(&mut batch, &self.tree, APPLIED, log_id)
                 .map_err(StorageIOError::write_state_machine)?,
-            None => batch.remove(APPLIED),
+            None => batch.remove(&self.tree, APPLIED),
         }
-        bincode_put(&mut batch, MEMBERSHIP, &meta.last_membership)
+        bincode_put(&mut batch, &self.tree, MEMBERSHIP, &meta.last_membership)
             .map_err(StorageIOError::write_state_machine)?;
-        let touched = removed
-            .iter()
-            .map(|k| k.as_ref())
-            .chain(keep.iter().copied())
-            .chain([APPLIED, MEMBERSHIP]);
-        self.write(touched, batch)?;
+        commit(batch)?;
         self.syncer
             .sync()
             .await
@@ -365,20 +354,23 @@ pub struct SnapshotBuilder {
     syncer: Syncer,
 }
 
+/// The state as of one applied index: a read snapshot of the store, which keeps the versions
+/// it sees until it is dropped, whatever apply writes meanwhile.
+struct CutReader {
+    snapshot: fjall::Snapshot,
+    tree: fjall::Keyspace,
+}
+
 /// Reads a whole cut into an encoded snapshot body and stores it as the node's snapshot.
 fn write_cut(
     meta: &snapshot::Meta,
-    mut reader: CutReader,
+    reader: CutReader,
     snapshots: &SnapshotDir,
 ) -> Result<(Vec<u8>, usize), AnyError> {
     let mut encoder = snapshot::Encoder::new(meta).map_err(AnyError::error)?;
-    while let Some(chunk) = reader
-        .next_chunk(CUT_CHUNK)
-        .map_err(|e| AnyError::new(&e))?
-    {
-        for (key, value) in chunk {
-            encoder.push(key, value);
-        }
+    for guard in reader.snapshot.iter(&reader.tree) {
+        let (key, value) = guard.into_inner().map_err(|e| AnyError::new(&e))?;
+        encoder.push(key.to_vec(), value.to_vec());
     }
     let entries = encoder.entries();
     let bytes = encoder.finish();

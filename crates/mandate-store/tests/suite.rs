@@ -316,3 +316,47 @@ fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_st
         "the old database, state tree and all, is removed once moved"
     );
 }
+
+#[test]
+fn a_data_directory_whose_state_is_a_sled_database_opens_with_its_state_moved() {
+    let old = tempfile::tempdir().expect("dir");
+    let before = runtime().block_on(async {
+        let (_a, mut sm) = store();
+        sm.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, (1..=20).map(register).collect()),
+        ])
+        .await
+        .expect("apply");
+        sm.view().dump().expect("dump")
+    });
+    // The previous layout: the state in a sled database of its own under `state`.
+    {
+        let db = sled::Config::new()
+            .path(old.path().join("state"))
+            .segment_size(mandate_store::durability::SEGMENT_BYTES)
+            .open()
+            .expect("old layout");
+        let tree = db.open_tree("state").expect("old state tree");
+        for (key, value) in &before {
+            tree.insert(key.as_slice(), value.as_slice())
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    runtime().block_on(async {
+        let (_log, mut sm) = mandate_store::open(old.path()).expect("open the old layout");
+        assert_eq!(sm.view().dump().expect("dump"), before);
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(2));
+    });
+    assert!(
+        !old.path().join("state.sled").exists() && !old.path().join("state/db").exists(),
+        "the sled database is removed once its state is moved"
+    );
+    // Opened again, the moved state is simply there.
+    runtime().block_on(async {
+        let (_log, sm) = mandate_store::open(old.path()).expect("reopen");
+        assert_eq!(sm.view().dump().expect("dump"), before);
+    });
+}
