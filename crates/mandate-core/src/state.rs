@@ -1,6 +1,7 @@
 //! Reading and writing the materialized state: a sorted key/value space. The storage layer
-//! provides [`StateRead`] over sled; [`Overlay`] collects one batch's writes on top of it so later
-//! commands of the batch see earlier ones, and so the whole batch is written atomically.
+//! provides [`StateRead`] over its state store; [`Overlay`] collects one batch's writes on top of
+//! it so later commands of the batch see earlier ones, and so the whole batch is written
+//! atomically.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};

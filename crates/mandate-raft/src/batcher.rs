@@ -23,7 +23,7 @@ use crate::Raft;
 
 /// Most commands in one log entry.
 pub const BATCH_COMMANDS_MAX: usize = mandate_core::limits::BATCH_COMMANDS_MAX;
-/// Most encoded bytes of commands in one log entry (well under sled's inline value limit).
+/// Most encoded bytes of commands in one log entry (one record of a log segment).
 pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Longest a command waits for company before its batch is proposed anyway.
 pub const BATCH_LINGER_US: u64 = 1_000;

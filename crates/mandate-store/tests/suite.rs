@@ -278,10 +278,9 @@ fn a_data_directory_whose_log_is_a_sled_database_opens_with_its_log_moved() {
     );
 }
 
-#[test]
-fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_state_moved() {
-    let old = tempfile::tempdir().expect("dir");
-    let before = runtime().block_on(async {
+/// The whole state (storage keys included) after a bootstrap and twenty registrations.
+fn state_of_twenty_agents() -> Vec<(Vec<u8>, Vec<u8>)> {
+    runtime().block_on(async {
         let (_a, mut sm) = store();
         sm.apply(vec![
             entry(1, vec![bootstrap()]),
@@ -290,27 +289,41 @@ fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_st
         .await
         .expect("apply");
         sm.view().dump().expect("dump")
-    });
-    // The old layout: the state tree beside the log, in the one database under `db`.
-    {
-        let db = sled::Config::new()
-            .path(old.path().join("db"))
-            .segment_size(mandate_store::durability::SEGMENT_BYTES)
-            .open()
-            .expect("old layout");
-        let tree = db.open_tree("state").expect("old state tree");
-        for (key, value) in &before {
-            tree.insert(key.as_slice(), value.as_slice())
-                .expect("insert");
-        }
-        db.flush().expect("flush");
+    })
+}
+
+/// Writes `state` into the `state` tree of a sled database at `path`, as earlier releases did.
+fn write_sled_state(path: &std::path::Path, state: &[(Vec<u8>, Vec<u8>)]) {
+    let db = sled::Config::new()
+        .path(path)
+        .segment_size(mandate_store::durability::SEGMENT_BYTES)
+        .open()
+        .expect("old layout");
+    let tree = db.open_tree("state").expect("old state tree");
+    for (key, value) in state {
+        tree.insert(key.as_slice(), value.as_slice())
+            .expect("insert");
     }
+    db.flush().expect("flush");
+}
+
+/// Opens `dir` and checks that it holds exactly `state`, applied to index 2.
+fn assert_opens_with(dir: &std::path::Path, state: &[(Vec<u8>, Vec<u8>)]) {
     runtime().block_on(async {
-        let (_log, mut sm) = mandate_store::open(old.path()).expect("open the old layout");
-        assert_eq!(sm.view().dump().expect("dump"), before);
+        let (_log, mut sm) = mandate_store::open(dir).expect("open");
+        assert_eq!(sm.view().dump().expect("dump"), state);
         let (applied, _) = sm.applied_state().await.expect("applied");
         assert_eq!(applied.map(|l| l.index), Some(2));
     });
+}
+
+#[test]
+fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_state_moved() {
+    let old = tempfile::tempdir().expect("dir");
+    let before = state_of_twenty_agents();
+    // The old layout: the state tree beside the log, in the one database under `db`.
+    write_sled_state(&old.path().join("db"), &before);
+    assert_opens_with(old.path(), &before);
     assert!(
         !old.path().join("db").exists(),
         "the old database, state tree and all, is removed once moved"
@@ -320,43 +333,14 @@ fn a_data_directory_from_before_the_state_had_its_own_database_opens_with_its_st
 #[test]
 fn a_data_directory_whose_state_is_a_sled_database_opens_with_its_state_moved() {
     let old = tempfile::tempdir().expect("dir");
-    let before = runtime().block_on(async {
-        let (_a, mut sm) = store();
-        sm.apply(vec![
-            entry(1, vec![bootstrap()]),
-            entry(2, (1..=20).map(register).collect()),
-        ])
-        .await
-        .expect("apply");
-        sm.view().dump().expect("dump")
-    });
+    let before = state_of_twenty_agents();
     // The previous layout: the state in a sled database of its own under `state`.
-    {
-        let db = sled::Config::new()
-            .path(old.path().join("state"))
-            .segment_size(mandate_store::durability::SEGMENT_BYTES)
-            .open()
-            .expect("old layout");
-        let tree = db.open_tree("state").expect("old state tree");
-        for (key, value) in &before {
-            tree.insert(key.as_slice(), value.as_slice())
-                .expect("insert");
-        }
-        db.flush().expect("flush");
-    }
-    runtime().block_on(async {
-        let (_log, mut sm) = mandate_store::open(old.path()).expect("open the old layout");
-        assert_eq!(sm.view().dump().expect("dump"), before);
-        let (applied, _) = sm.applied_state().await.expect("applied");
-        assert_eq!(applied.map(|l| l.index), Some(2));
-    });
+    write_sled_state(&old.path().join("state"), &before);
+    assert_opens_with(old.path(), &before);
     assert!(
         !old.path().join("state.sled").exists() && !old.path().join("state/db").exists(),
         "the sled database is removed once its state is moved"
     );
     // Opened again, the moved state is simply there.
-    runtime().block_on(async {
-        let (_log, sm) = mandate_store::open(old.path()).expect("reopen");
-        assert_eq!(sm.view().dump().expect("dump"), before);
-    });
+    assert_opens_with(old.path(), &before);
 }
