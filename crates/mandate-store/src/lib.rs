@@ -107,8 +107,16 @@ pub fn open_with(dir: &Path, mode: SyncMode) -> Result<(LogStore, StateMachine),
         segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
     }
     let state = open_state_db(&state_dir, mode)?;
-    move_old_state(dir, &state)?;
-    move_old_log_db(dir)?;
+    let old_log_dir = dir.join("db");
+    let old_log_db = if old_log_dir.exists() {
+        Some(open_sled(&old_log_dir)?)
+    } else {
+        None
+    };
+    move_old_state(dir, old_log_db.as_ref(), &state)?;
+    if let Some(old) = old_log_db {
+        move_old_log_db(dir, old)?;
+    }
     let log = LogStore::open(&dir.join("log"), mode)?;
     let state_syncer = durability::Syncer::for_state(state.db.clone(), mode)?;
     let sm = StateMachine::open(state, state_syncer, &dir.join("snapshots"))?;
@@ -122,32 +130,27 @@ pub fn holds_data(dir: &Path) -> bool {
         .any(|d| dir.join(d).exists())
 }
 
-/// Moves an old layout's sled log database (`db`) into the log directory (its state tree, if
-/// any, was moved by [`move_old_state`]): the entries, vote, purge point and committed id into
-/// a fresh directory, synced and renamed into place; then `db` is removed. A crash part way
-/// repeats the unfinished steps on the next open.
-fn move_old_log_db(dir: &Path) -> Result<(), OpenError> {
+/// Moves an old layout's sled log database `old` (`db`) into the log directory (its state tree,
+/// if any, was moved by [`move_old_state`]): the entries, vote, purge point and committed id
+/// into a fresh directory, synced and renamed into place; then `db` is closed and removed. A
+/// crash part way repeats the unfinished steps on the next open.
+fn move_old_log_db(dir: &Path, old: sled::Db) -> Result<(), OpenError> {
     let old_dir = dir.join("db");
-    if !old_dir.exists() {
-        return Ok(());
-    }
     let log_dir = dir.join("log");
-    {
-        let old = open_sled(&old_dir)?;
-        if !log_dir.exists() {
-            let moving = dir.join("log.moving");
-            if moving.exists() {
-                std::fs::remove_dir_all(&moving).map_err(|e| OpenError::io(&moving, e))?;
-            }
-            let moved = copy_old_log(&old, &moving)?;
-            std::fs::rename(&moving, &log_dir).map_err(|e| OpenError::io(&log_dir, e))?;
-            segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
-            tracing::info!(
-                entries = moved,
-                "moved the raft log out of its sled database"
-            );
+    if !log_dir.exists() {
+        let moving = dir.join("log.moving");
+        if moving.exists() {
+            std::fs::remove_dir_all(&moving).map_err(|e| OpenError::io(&moving, e))?;
         }
+        let moved = copy_old_log(&old, &moving)?;
+        std::fs::rename(&moving, &log_dir).map_err(|e| OpenError::io(&log_dir, e))?;
+        segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
+        tracing::info!(
+            entries = moved,
+            "moved the raft log out of its sled database"
+        );
     }
+    drop(old);
     std::fs::remove_dir_all(&old_dir).map_err(|e| OpenError::io(&old_dir, e))?;
     segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))
 }
@@ -204,17 +207,19 @@ const OLD_STATE_DIR: &str = "state.sled";
 const MOVE_CHUNK: usize = 4096;
 
 /// Moves the state of an earlier release into the new store: from the state tree of the old
-/// log database (`db`), the oldest layout, or else from the sled state database set aside as
-/// `state.sled`. The copy is made durable before the old copy is removed; a crash part way
+/// log database `old_log_db` (`db`), the oldest layout, or else from the sled state database set
+/// aside as `state.sled`. The copy is made durable before the old copy is removed; a crash part way
 /// copies again on the next open (the new store was empty before, and nothing else writes to
 /// it while the node opens, so copying again is harmless).
-fn move_old_state(dir: &Path, state: &StateDb) -> Result<(), OpenError> {
-    let old_log_dir = dir.join("db");
+fn move_old_state(
+    dir: &Path,
+    old_log_db: Option<&sled::Db>,
+    state: &StateDb,
+) -> Result<(), OpenError> {
     let old_state_dir = dir.join(OLD_STATE_DIR);
     let sled_err = |what: &'static str| move |e| OpenError::Sled(what.into(), e);
     let mut copied = None;
-    if old_log_dir.exists() {
-        let old = open_sled(&old_log_dir)?;
+    if let Some(old) = old_log_db {
         if old
             .tree_names()
             .iter()
