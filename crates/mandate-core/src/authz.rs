@@ -598,19 +598,48 @@ pub fn evaluate(
     req: &AuthorizeRequest<'_>,
     time_ms: u64,
 ) -> Result<Evaluation, StorageFault> {
+    evaluate_with(state, engine, agent, req, time_ms, None)
+}
+
+/// The request as the policies see it, once the chain has been read and checked.
+struct PolicyInputs<'a> {
+    agent: &'a pb::Agent,
+    /// Every agent of the chain, the acting one included, root first.
+    chain_agents: Vec<pb::Agent>,
+    user: String,
+    ctx: DecisionContext,
+}
+
+/// What the policies said: the ceilings, the delegating user and the acting agent.
+struct Verdict {
+    permitted: bool,
+    /// Why not, when not permitted.
+    reasons: Vec<String>,
+    policy_ids: Vec<String>,
+}
+
+/// Reads the chain under `req.delegation_id` and checks what needs no policy: the chain is
+/// whole, covers the request, is unrevoked, unexpired and has uses left, and every agent in it
+/// is active. `Err` is the denial, with the chain read so far.
+fn chain_inputs<'a>(
+    state: &(impl StateRead + ?Sized),
+    agent: &'a pb::Agent,
+    req: &AuthorizeRequest<'_>,
+    time_ms: u64,
+) -> Result<Result<(PolicyInputs<'a>, Vec<pb::Delegation>), Evaluation>, StorageFault> {
     let Some(leaf) = delegation_record(state, req.delegation_id)? else {
-        return Ok(deny(
+        return Ok(Err(deny(
             vec![format!("there is no delegation {}", req.delegation_id)],
             vec![],
             vec![],
-        ));
+        )));
     };
     if leaf.agent != agent.id {
-        return Ok(deny(
+        return Ok(Err(deny(
             vec![format!("delegation {} is held by another agent", leaf.id)],
             vec![],
             vec![],
-        ));
+        )));
     }
     let mut hops = vec![leaf];
     while let Some(parent_id) = hops
@@ -685,88 +714,248 @@ pub fn evaluate(
         }
     }
     if !reasons.is_empty() {
-        return Ok(deny(reasons, vec![], hops));
+        return Ok(Err(deny(reasons, vec![], hops)));
     }
-    let user = hops[0].user.clone();
     let ctx = DecisionContext {
         delegation_id: hops[0].id.clone(),
         depth: i64::try_from(chain.len()).unwrap_or(i64::MAX) - 1,
         purpose: hops[0].purpose.clone(),
         consented: hops.last().map(|d| d.actions.clone()).unwrap_or_default(),
-        chain: chain.clone(),
+        chain,
         time_ms,
         request: req.request_context.clone(),
         approved: req.approved,
     };
-    let mut policy_ids = Vec::new();
+    let inputs = PolicyInputs {
+        agent,
+        chain_agents,
+        user: hops[0].user.clone(),
+        ctx,
+    };
+    Ok(Ok((inputs, hops)))
+}
+
+/// Asks the policies: each chain agent's ceiling, then the cluster's for the delegating user
+/// and for the acting agent.
+fn judge(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    inputs: &PolicyInputs<'_>,
+    req: &AuthorizeRequest<'_>,
+) -> Result<Verdict, StorageFault> {
+    let denied = |reasons: Vec<String>, policy_ids: Vec<String>| Verdict {
+        permitted: false,
+        reasons,
+        policy_ids,
+    };
+    let user = &inputs.user;
     let prepared = engine
-        .chain_entities(&chain_agents)
-        .and_then(|agents| policy::Prepared::new(agents, req.action, req.resource, &ctx));
+        .chain_entities(&inputs.chain_agents)
+        .and_then(|agents| policy::Prepared::new(agents, req.action, req.resource, &inputs.ctx));
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            return Ok(deny(
+            return Ok(denied(
                 vec![format!("the request could not be evaluated: {e}")],
                 vec![],
-                hops,
             ))
         }
     };
-    for a in &chain_agents {
+    for a in &inputs.chain_agents {
         if let Some(ceiling) = engine.ceiling(a)? {
             let v = prepared.evaluate_indexed(&ceiling, &Subject::Agent(a));
             if !v.allowed {
-                return Ok(deny(
+                return Ok(denied(
                     vec![format!(
                         "the ceiling of agent {} does not permit {} on {}",
                         a.id, req.action, req.resource
                     )],
                     v.policy_ids,
-                    hops,
                 ));
             }
         }
     }
     let set = engine.cluster_policies(state, || policy::documents(state))?;
-    let for_user = prepared.evaluate_indexed(&set, &Subject::User(&user));
+    let for_user = prepared.evaluate_indexed(&set, &Subject::User(user));
     if !for_user.allowed {
         let why = if for_user.policy_ids.is_empty() {
             "no policy permits it"
         } else {
             "a policy forbids it"
         };
-        return Ok(deny(
+        return Ok(denied(
             vec![format!(
                 "user {user} is not permitted to {} {} ({why})",
                 req.action, req.resource
             )],
             for_user.policy_ids,
-            hops,
         ));
     }
-    policy_ids.extend(for_user.policy_ids);
-    let for_agent = prepared.evaluate_indexed(&set, &Subject::Agent(agent));
+    let for_agent = prepared.evaluate_indexed(&set, &Subject::Agent(inputs.agent));
     if !for_agent.allowed {
         let why = if for_agent.policy_ids.is_empty() {
             "no policy permits it"
         } else {
             "a policy forbids it"
         };
-        return Ok(deny(
+        return Ok(denied(
             vec![format!(
                 "agent {} may not {} {} for {user} ({why})",
-                agent.id, req.action, req.resource
+                inputs.agent.id, req.action, req.resource
             )],
             for_agent.policy_ids,
-            hops,
         ));
     }
+    let mut policy_ids = for_user.policy_ids;
     policy_ids.extend(for_agent.policy_ids);
     policy_ids.sort();
     policy_ids.dedup();
+    Ok(Verdict {
+        permitted: true,
+        reasons: vec![],
+        policy_ids,
+    })
+}
+
+/// Whether a verdict on `inputs` may depend on the decision time: some policy it consults
+/// (a chain agent's ceiling, or the cluster's at policy version `version`) reads
+/// `context.time_ms`.
+fn reads_time(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    inputs: &PolicyInputs<'_>,
+    version: u64,
+) -> Result<bool, StorageFault> {
+    for a in &inputs.chain_agents {
+        if engine.ceiling(a)?.is_some_and(|c| c.reads_time()) {
+            return Ok(true);
+        }
+    }
+    Ok(engine
+        .cluster_policies_at(version, || policy::documents(state))?
+        .reads_time())
+}
+
+/// SHA-256 over everything a verdict on `inputs` is a function of: the cluster policy
+/// version, each chain agent's id and record version (its ceiling and attributes), the acting
+/// agent, the user, the action, the resource and the decision context, with the time only
+/// when a consulted policy reads it. Two states with the same digest get the same verdict.
+fn inputs_digest(
+    inputs: &PolicyInputs<'_>,
+    req: &AuthorizeRequest<'_>,
+    version: u64,
+    reads_time: bool,
+) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    fn field(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    }
+    fn list<'a>(h: &mut Sha256, items: impl ExactSizeIterator<Item = &'a String>) {
+        h.update((items.len() as u64).to_be_bytes());
+        for item in items {
+            field(h, item.as_bytes());
+        }
+    }
+    let mut h = Sha256::new();
+    field(&mut h, b"mandate predecision 1");
+    h.update(version.to_be_bytes());
+    h.update((inputs.chain_agents.len() as u64).to_be_bytes());
+    for a in &inputs.chain_agents {
+        field(&mut h, a.id.as_bytes());
+        h.update(a.version.to_be_bytes());
+    }
+    field(&mut h, inputs.agent.id.as_bytes());
+    h.update(inputs.agent.version.to_be_bytes());
+    field(&mut h, inputs.user.as_bytes());
+    field(&mut h, req.action.as_bytes());
+    field(&mut h, req.resource.as_bytes());
+    let ctx = &inputs.ctx;
+    field(&mut h, ctx.delegation_id.as_bytes());
+    h.update(ctx.depth.to_be_bytes());
+    field(&mut h, ctx.purpose.as_bytes());
+    list(&mut h, ctx.consented.iter());
+    list(&mut h, ctx.chain.iter());
+    h.update((ctx.request.len() as u64).to_be_bytes());
+    for (k, v) in &ctx.request {
+        field(&mut h, k.as_bytes());
+        field(&mut h, v.as_bytes());
+    }
+    h.update([u8::from(ctx.approved)]);
+    if reads_time {
+        h.update([1]);
+        h.update(ctx.time_ms.to_be_bytes());
+    } else {
+        h.update([0]);
+    }
+    h.finalize().to_vec()
+}
+
+/// The verdict a receiving node puts into an authorization so that apply need not ask the
+/// policies again: `None` when the request fails before the policies (apply finds that out
+/// as cheaply) or when a consulted policy reads the decision time (apply's time is not known
+/// here).
+pub fn predecide(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    agent: &pb::Agent,
+    req: &AuthorizeRequest<'_>,
+    time_ms: u64,
+) -> Result<Option<pb::Predecision>, StorageFault> {
+    let Ok((inputs, _)) = chain_inputs(state, agent, req, time_ms)? else {
+        return Ok(None);
+    };
+    let version = policy::policy_version(state)?;
+    if reads_time(state, engine, &inputs, version)? {
+        return Ok(None);
+    }
+    let verdict = judge(state, engine, &inputs, req)?;
+    Ok(Some(pb::Predecision {
+        inputs_digest: inputs_digest(&inputs, req, version, false),
+        permitted: verdict.permitted,
+        reasons: verdict.reasons,
+        policy_ids: verdict.policy_ids,
+    }))
+}
+
+/// [`evaluate`], taking the policies' verdict from `predecided` when its inputs digest is
+/// this state's.
+fn evaluate_with(
+    state: &(impl StateRead + ?Sized),
+    engine: &mut Engine,
+    agent: &pb::Agent,
+    req: &AuthorizeRequest<'_>,
+    time_ms: u64,
+    predecided: Option<&pb::Predecision>,
+) -> Result<Evaluation, StorageFault> {
+    let (inputs, hops) = match chain_inputs(state, agent, req, time_ms)? {
+        Ok(read) => read,
+        Err(denied) => return Ok(denied),
+    };
+    let reusable = match predecided {
+        Some(p) => {
+            let version = policy::policy_version(state)?;
+            let reads_time = reads_time(state, engine, &inputs, version)?;
+            p.inputs_digest == inputs_digest(&inputs, req, version, reads_time)
+        }
+        None => false,
+    };
+    let verdict = match predecided {
+        Some(p) if reusable => Verdict {
+            permitted: p.permitted,
+            reasons: p.reasons.clone(),
+            policy_ids: p.policy_ids.clone(),
+        },
+        _ => judge(state, engine, &inputs, req)?,
+    };
+    if !verdict.permitted {
+        return Ok(deny(verdict.reasons, verdict.policy_ids, hops));
+    }
+    let PolicyInputs { user, ctx, .. } = inputs;
+    let policy_ids = verdict.policy_ids;
     let mut reasons = vec![format!(
         "delegation chain User::{user} → {} covers {} on {}; permitted by {}",
-        chain.join(" → "),
+        ctx.chain.join(" → "),
         req.action,
         req.resource,
         policy_ids.join(", ")
@@ -785,7 +974,7 @@ pub fn evaluate(
         reasons,
         policy_ids,
         user,
-        chain,
+        chain: ctx.chain,
         hops,
     })
 }
@@ -983,7 +1172,7 @@ pub fn authorize(
         request_context: &c.request_context,
         approved: false,
     };
-    let mut eval = evaluate(state, engine, agent, &req, time_ms)?;
+    let mut eval = evaluate_with(state, engine, agent, &req, time_ms, c.predecision.as_ref())?;
     let mut grant = None;
     let mut approval = None;
     let mut used = Vec::new();

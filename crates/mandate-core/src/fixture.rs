@@ -35,23 +35,22 @@ fn policies() -> String {
     text
 }
 
-fn apply(
+/// Applies `command` as log entry `index` at time 1,000 and writes its changes into `state`;
+/// a refused command is an error naming why.
+pub fn apply(
     state: &mut State,
     engine: &mut Engine,
     index: u64,
     mut command: pb::Command,
-) -> Result<(), String> {
+) -> Result<pb::CommandResult, String> {
     command.time_ms = 1_000;
     let batch = pb::CommandBatch {
         commands: vec![command],
     };
     let mut overlay = Overlay::new(&*state);
-    let results = apply_batch(&mut overlay, engine, &batch, index).map_err(|e| e.0)?;
+    let mut results = apply_batch(&mut overlay, engine, &batch, index).map_err(|e| e.0)?;
     if let Some(pb::command_result::Outcome::Error(e)) = &results[0].outcome {
-        return Err(format!(
-            "setting up the benchmark state failed: {}: {}",
-            e.field, e.message
-        ));
+        return Err(format!("{}: {}", e.field, e.message));
     }
     for (k, v) in overlay.into_writes() {
         match v {
@@ -59,10 +58,11 @@ fn apply(
             None => state.remove(&k),
         };
     }
-    Ok(())
+    Ok(results.remove(0))
 }
 
-fn as_operator(kind: Kind) -> pb::Command {
+/// `kind` as a command of the fixture's root operator.
+pub fn as_operator(kind: Kind) -> pb::Command {
     pb::Command {
         operator_token_id: "tok_bench".into(),
         kind: Some(kind),

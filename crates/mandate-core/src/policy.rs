@@ -283,6 +283,30 @@ pub struct PolicyIndex {
     /// Per action of [`crate::delegation::ACTIONS`], per principal type.
     actions: Vec<[ForType; 3]>,
     empty: PolicySet,
+    /// Whether any policy may read the decision time (see [`reads_time`]).
+    reads_time: bool,
+}
+
+/// The context attribute that carries the decision time.
+pub const TIME_ATTRIBUTE: &str = "time_ms";
+
+/// Whether `policy` may read the decision time. Cedar has no computed attribute names, so a
+/// policy reads `context.time_ms` only by naming it (`.time_ms`, `has time_ms`, `["time_ms"]`,
+/// or a record with that key to compare `context` with); the policy's JSON form spells every
+/// such name out, escapes resolved. Any string equal to the name counts, so the answer errs
+/// towards yes.
+fn reads_time(policy: &Policy) -> bool {
+    fn names_time(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s == TIME_ATTRIBUTE,
+            serde_json::Value::Array(items) => items.iter().any(names_time),
+            serde_json::Value::Object(fields) => fields
+                .iter()
+                .any(|(k, v)| k == TIME_ATTRIBUTE || names_time(v)),
+            _ => false,
+        }
+    }
+    policy.to_json().map_or(true, |json| names_time(&json))
 }
 
 impl PolicyIndex {
@@ -291,7 +315,9 @@ impl PolicyIndex {
         // (action, type) → generic policies; (action, type, id) → specific ones.
         let mut generic: HashMap<(usize, usize), Vec<Policy>> = HashMap::new();
         let mut specific: HashMap<(usize, usize, String), Vec<Policy>> = HashMap::new();
+        let mut any_reads_time = false;
         for policy in set.policies() {
+            any_reads_time = any_reads_time || reads_time(policy);
             let actions: Vec<usize> = match policy.action_constraint() {
                 ActionConstraint::Any => (0..all.len()).collect(),
                 ActionConstraint::Eq(a) => action_position(&a).into_iter().collect(),
@@ -335,7 +361,13 @@ impl PolicyIndex {
         Ok(PolicyIndex {
             actions,
             empty: PolicySet::new(),
+            reads_time: any_reads_time,
         })
+    }
+
+    /// Whether a decision by these policies may depend on the decision time.
+    pub fn reads_time(&self) -> bool {
+        self.reads_time
     }
 
     /// The policies that can apply to `subject` doing `action`.
@@ -599,7 +631,15 @@ impl Engine {
         state: &(impl StateRead + ?Sized),
         documents: impl FnOnce() -> Result<Vec<pb::PolicyDocument>, StorageFault>,
     ) -> Result<Arc<PolicyIndex>, StorageFault> {
-        let version = policy_version(state)?;
+        self.cluster_policies_at(policy_version(state)?, documents)
+    }
+
+    /// The cluster policy set at policy version `version` (read by the caller).
+    pub fn cluster_policies_at(
+        &mut self,
+        version: u64,
+        documents: impl FnOnce() -> Result<Vec<pb::PolicyDocument>, StorageFault>,
+    ) -> Result<Arc<PolicyIndex>, StorageFault> {
         if let Some((v, set)) = &self.cluster {
             if *v == version {
                 return Ok(set.clone());
@@ -751,6 +791,21 @@ permit(principal is Agent, action, resource) when { context.delegation.depth <= 
             .allowed
         );
         assert!(!evaluate(&set, &Subject::Agent(&agent()), "read", "secret/x", &deep).allowed);
+    }
+
+    #[test]
+    fn a_policy_reads_the_decision_time_whenever_it_names_the_attribute() {
+        let reads = |condition: &str| {
+            let text = format!("permit(principal, action, resource) when {{ {condition} }};");
+            let set =
+                PolicySet::from_policies(parse_document("t", &text).expect("valid")).expect("set");
+            PolicyIndex::new(&set).expect("index").reads_time()
+        };
+        assert!(reads("context.time_ms > 0"));
+        assert!(reads("context has time_ms"));
+        assert!(reads("context[\"time\\u{5f}ms\"] > 0"));
+        assert!(!reads("context.delegation.depth <= 1"));
+        assert!(!reads("context.request.contains(\"time=1\")"));
     }
 
     #[test]

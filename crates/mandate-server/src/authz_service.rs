@@ -22,8 +22,9 @@ use crate::tokens::{self, Signer};
 use crate::{auth, status};
 
 thread_local! {
-    /// Each worker thread's parsed policies and chain entities for `Check` (apply keeps its
-    /// own); every cache entry is keyed by the version of what it was built from.
+    /// Each worker thread's parsed policies and chain entities for `Check` and for the
+    /// verdicts `Authorize` hands to apply (apply keeps its own); every cache entry is keyed by
+    /// the version of what it was built from.
     static CHECK_ENGINE: std::cell::RefCell<policy::Engine> =
         std::cell::RefCell::new(policy::Engine::default());
 }
@@ -524,7 +525,7 @@ impl Authz for AuthzService {
         let r = request.into_inner();
         let agent = self.agent(&r.agent_assertion).await?;
         let (ttl_ms, uses) = self.grant_terms(r.ttl_seconds, r.uses)?;
-        let command = pb::Authorize {
+        let mut command = pb::Authorize {
             delegation_id: r.delegation_id,
             action: r.action,
             resource: r.resource,
@@ -537,8 +538,30 @@ impl Authz for AuthzService {
             grant_id: String::new(),
             approval_id: String::new(),
             audience: r.audience,
+            predecision: None,
         };
         authz::authorize_shape(&command).map_err(domain)?;
+        // Ask the policies here, once, rather than in every node's apply: apply takes this
+        // verdict when nothing it was made from has changed by then.
+        let req = authz::AuthorizeRequest {
+            delegation_id: &command.delegation_id,
+            action: &command.action,
+            resource: &command.resource,
+            request_context: &command.request_context,
+            approved: false,
+        };
+        let predecision = CHECK_ENGINE
+            .with(|engine| {
+                authz::predecide(
+                    &self.node.view,
+                    &mut engine.borrow_mut(),
+                    &agent.agent,
+                    &req,
+                    now_ms(),
+                )
+            })
+            .map_err(fault)?;
+        command.predecision = predecision;
         // The authorization records the jti in its own decision event.
         let principal = Principal::Agent {
             id: agent.agent.id,
