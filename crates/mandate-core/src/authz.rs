@@ -735,13 +735,14 @@ fn chain_inputs<'a>(
     Ok(Ok((inputs, hops)))
 }
 
-/// Asks the policies: each chain agent's ceiling, then the cluster's for the delegating user
-/// and for the acting agent.
+/// Asks the policies: each chain agent's ceiling, then the cluster's (at policy version
+/// `version`) for the delegating user and for the acting agent.
 fn judge(
     state: &(impl StateRead + ?Sized),
     engine: &mut Engine,
     inputs: &PolicyInputs<'_>,
     req: &AuthorizeRequest<'_>,
+    version: u64,
 ) -> Result<Verdict, StorageFault> {
     let denied = |reasons: Vec<String>, policy_ids: Vec<String>| Verdict {
         permitted: false,
@@ -775,7 +776,7 @@ fn judge(
             }
         }
     }
-    let set = engine.cluster_policies(state, || policy::documents(state))?;
+    let set = engine.cluster_policies_at(version, || policy::documents(state))?;
     let for_user = prepared.evaluate_indexed(&set, &Subject::User(user));
     if !for_user.allowed {
         let why = if for_user.policy_ids.is_empty() {
@@ -909,7 +910,7 @@ pub fn predecide(
     if reads_time(state, engine, &inputs, version)? {
         return Ok(None);
     }
-    let verdict = judge(state, engine, &inputs, req)?;
+    let verdict = judge(state, engine, &inputs, req, version)?;
     Ok(Some(pb::Predecision {
         inputs_digest: inputs_digest(&inputs, req, version, false),
         permitted: verdict.permitted,
@@ -932,9 +933,9 @@ fn evaluate_with(
         Ok(read) => read,
         Err(denied) => return Ok(denied),
     };
+    let version = policy::policy_version(state)?;
     let reusable = match predecided {
         Some(p) => {
-            let version = policy::policy_version(state)?;
             let reads_time = reads_time(state, engine, &inputs, version)?;
             p.inputs_digest == inputs_digest(&inputs, req, version, reads_time)
         }
@@ -946,7 +947,7 @@ fn evaluate_with(
             reasons: p.reasons.clone(),
             policy_ids: p.policy_ids.clone(),
         },
-        _ => judge(state, engine, &inputs, req)?,
+        _ => judge(state, engine, &inputs, req, version)?,
     };
     if !verdict.permitted {
         return Ok(deny(verdict.reasons, verdict.policy_ids, hops));
