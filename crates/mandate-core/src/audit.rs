@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{DomainError, StorageFault};
 use crate::pb::command::Kind as CommandKind;
 use crate::pb::command_result::Outcome;
-use crate::state::{decode, Overlay, StateExt, StateRead};
+use crate::state::{decode, prefix_end, Overlay, StateExt, StateRead};
 use crate::{authz, keys, pb};
 
 /// The command's name, as the record's `type`.
@@ -512,7 +512,16 @@ pub fn compact<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     below: (u64, u32),
 ) -> Result<u64, StorageFault> {
-    let candidates = state.scan_prefix_first(keys::AUDIT_PREFIX, COMPACT_RECORDS_MAX + 1)?;
+    // The scan starts at the oldest record kept, past the tombstones of those dropped before.
+    let from = base(state)?.map_or_else(
+        || keys::AUDIT_PREFIX.to_vec(),
+        |b| keys::audit(b.log_index, b.sequence),
+    );
+    let candidates = state.scan_range_first(
+        &from,
+        prefix_end(keys::AUDIT_PREFIX).as_deref(),
+        COMPACT_RECORDS_MAX + 1,
+    )?;
     let limit = keys::audit(below.0, below.1);
     let newest = head(state)?.map(|h| keys::audit(h.log_index, h.sequence));
     let mut dropped = 0u64;
@@ -529,12 +538,10 @@ pub fn compact<S: StateRead + ?Sized>(
     let Some(prev_hash) = last_hash else {
         return Ok(0);
     };
-    let oldest = state
-        .scan_prefix_first(keys::AUDIT_PREFIX, 1)?
-        .into_iter()
-        .next()
+    let (key, value) = candidates
+        .get(dropped as usize)
         .ok_or_else(|| StorageFault("compaction left no audit record".into()))?;
-    let oldest: pb::AuditRecord = decode(&oldest.0, &oldest.1)?;
+    let oldest: pb::AuditRecord = decode(key, value)?;
     let removed = base(state)?.map_or(0, |b| b.removed) + dropped;
     state.put_message(
         keys::AUDIT_BASE.to_vec(),

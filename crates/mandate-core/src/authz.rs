@@ -9,7 +9,7 @@ use crate::delegation::{
 use crate::error::{DomainError, StorageFault};
 use crate::pb::event::Kind as EventKind;
 use crate::policy::{self, DecisionContext, Engine, Subject};
-use crate::state::{decode, Overlay, StateExt, StateRead};
+use crate::state::{decode, prefix_end, Overlay, StateExt, StateRead};
 use crate::{keys, pb, validate, AgentId, UserId};
 
 /// Longest delegation lifetime.
@@ -1421,23 +1421,72 @@ pub fn end_grant(
     })]))
 }
 
-/// Index entries due at `time_ms`, oldest first, at most [`EXPIRE_BATCH_MAX`].
+/// Where scans of the expiry index `prefix` start: below this key the index holds no entry.
+fn expiry_floor(state: &(impl StateRead + ?Sized), prefix: &[u8]) -> Result<Vec<u8>, StorageFault> {
+    Ok(state
+        .get(&keys::expiry_floor(prefix))?
+        .unwrap_or_else(|| prefix.to_vec()))
+}
+
+/// The least key of the expiry index `prefix` past every entry due at `time_ms`.
+fn past_due(prefix: &[u8], time_ms: u64) -> Option<Vec<u8>> {
+    match time_ms.checked_add(1) {
+        Some(after) => Some(keys::timed_start(prefix, after)),
+        None => prefix_end(prefix),
+    }
+}
+
+/// Index entries due at `time_ms`, oldest first, at most [`EXPIRE_BATCH_MAX`]. The scan runs
+/// from the index's floor to the first entry not yet due, so it reads neither the tombstones of
+/// entries purged before nor the live entries of the future.
 fn due(
     state: &(impl StateRead + ?Sized),
     prefix: &[u8],
     time_ms: u64,
 ) -> Result<Vec<(Vec<u8>, String)>, StorageFault> {
-    let mut out = Vec::new();
-    for (key, _) in state.scan_prefix_first(prefix, EXPIRE_BATCH_MAX)? {
-        let Some((at, id)) = keys::split_timed(prefix, &key) else {
-            return Err(StorageFault("malformed expiry index key".into()));
-        };
-        if at > time_ms || out.len() >= EXPIRE_BATCH_MAX {
-            break;
+    let from = expiry_floor(state, prefix)?;
+    let to = past_due(prefix, time_ms);
+    state
+        .scan_range_first(&from, to.as_deref(), EXPIRE_BATCH_MAX)?
+        .into_iter()
+        .map(|(key, _)| {
+            let (_, id) = keys::split_timed(prefix, &key)
+                .ok_or_else(|| StorageFault("malformed expiry index key".into()))?;
+            Ok((key, String::from_utf8_lossy(&id).into_owned()))
+        })
+        .collect()
+}
+
+/// Whether a grant, an approval or a replay-cache entry is due at `time_ms`: the leader asks
+/// before it proposes an expiry.
+pub fn anything_due(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<bool, StorageFault> {
+    for prefix in [
+        keys::GRANT_EXPIRY_PREFIX,
+        keys::APPROVAL_EXPIRY_PREFIX,
+        keys::JTI_EXPIRY_PREFIX,
+    ] {
+        let from = expiry_floor(state, prefix)?;
+        let to = past_due(prefix, time_ms);
+        if !state.scan_range_first(&from, to.as_deref(), 1)?.is_empty() {
+            return Ok(true);
         }
-        out.push((key, String::from_utf8_lossy(&id).into_owned()));
     }
-    Ok(out)
+    Ok(false)
+}
+
+/// Adds `key` to the expiry index `prefix`. An entry below the floor (its time is behind an
+/// earlier purge: a command time from a leader whose clock lags, an assertion within the skew
+/// leeway) lowers the floor to itself.
+fn index_expiry<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    prefix: &[u8],
+    key: Vec<u8>,
+) -> Result<(), StorageFault> {
+    if key < expiry_floor(state, prefix)? {
+        state.put(keys::expiry_floor(prefix), key.clone());
+    }
+    state.put(key, vec![]);
+    Ok(())
 }
 
 pub fn expire(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<Decided, StorageFault> {
@@ -1562,13 +1611,20 @@ fn update<M: prost::Message + Default, S: StateRead + ?Sized>(
     Ok(record)
 }
 
-fn store_grant<S: StateRead + ?Sized>(state: &mut Overlay<'_, S>, grant: &pb::Grant) {
+fn store_grant<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    grant: &pb::Grant,
+) -> Result<(), StorageFault> {
     state.put_message(keys::grant(&grant.id), grant);
     state.put(
         keys::grant_by_delegation(&grant.delegation_id, &grant.id),
         vec![],
     );
-    state.put(keys::grant_expiry(grant.expires_ms, &grant.id), vec![]);
+    index_expiry(
+        state,
+        keys::GRANT_EXPIRY_PREFIX,
+        keys::grant_expiry(grant.expires_ms, &grant.id),
+    )
 }
 
 fn end<S: StateRead + ?Sized>(
@@ -1597,12 +1653,27 @@ fn use_delegations<S: StateRead + ?Sized>(
     Ok(())
 }
 
+/// Deletes the entries of the expiry index `prefix` due at `time_ms` and raises the floor past
+/// them: past everything due when the batch held it all, else just past the last one purged.
 fn purge_due<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     prefix: &[u8],
     time_ms: u64,
 ) -> Result<Vec<String>, StorageFault> {
     let due = due(state, prefix, time_ms)?;
+    let floor = match due.last() {
+        Some((last, _)) if due.len() >= EXPIRE_BATCH_MAX => {
+            let mut next = last.clone();
+            next.push(0);
+            Some(next)
+        }
+        _ => past_due(prefix, time_ms),
+    };
+    if let Some(floor) = floor {
+        if floor > expiry_floor(state, prefix)? {
+            state.put(keys::expiry_floor(prefix), floor);
+        }
+    }
     for (key, _) in &due {
         state.delete(key.clone());
     }
@@ -1697,12 +1768,13 @@ pub fn materialize<S: StateRead + ?Sized>(
                 keys::jti(&e.agent, &e.assertion_jti),
                 e.assertion_expires_ms.to_be_bytes().to_vec(),
             );
-            state.put(
+            index_expiry(
+                state,
+                keys::JTI_EXPIRY_PREFIX,
                 keys::jti_expiry(e.assertion_expires_ms, &e.agent, &e.assertion_jti),
-                vec![],
-            );
+            )?;
             if let Some(grant) = &e.grant {
-                store_grant(state, grant);
+                store_grant(state, grant)?;
             }
             if let Some(a) = &e.approval {
                 state.put_message(keys::approval(&a.id), a);
@@ -1711,7 +1783,11 @@ pub fn materialize<S: StateRead + ?Sized>(
                     keys::approval_by_delegation(&a.delegation_id, &a.id),
                     vec![],
                 );
-                state.put(keys::approval_expiry(a.expires_ms, &a.id), vec![]);
+                index_expiry(
+                    state,
+                    keys::APPROVAL_EXPIRY_PREFIX,
+                    keys::approval_expiry(a.expires_ms, &a.id),
+                )?;
             }
             use_delegations(state, &e.used_delegation_ids)?;
         }
@@ -1732,7 +1808,7 @@ pub fn materialize<S: StateRead + ?Sized>(
             )?;
             state.delete(keys::approval_expiry(a.expires_ms, &a.id));
             if let Some(grant) = &e.grant {
-                store_grant(state, grant);
+                store_grant(state, grant)?;
             }
             use_delegations(state, &e.used_delegation_ids)?;
         }
@@ -1779,7 +1855,11 @@ pub fn materialize<S: StateRead + ?Sized>(
                 keys::jti(&e.agent, &e.jti),
                 e.expires_ms.to_be_bytes().to_vec(),
             );
-            state.put(keys::jti_expiry(e.expires_ms, &e.agent, &e.jti), vec![]);
+            index_expiry(
+                state,
+                keys::JTI_EXPIRY_PREFIX,
+                keys::jti_expiry(e.expires_ms, &e.agent, &e.jti),
+            )?;
         }
         EventKind::SecretWritten(e) => {
             state.put_message(

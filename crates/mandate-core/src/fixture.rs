@@ -41,9 +41,20 @@ pub fn apply(
     state: &mut State,
     engine: &mut Engine,
     index: u64,
+    command: pb::Command,
+) -> Result<pb::CommandResult, String> {
+    apply_at(state, engine, index, 1_000, command)
+}
+
+/// [`apply`] with the command's time at `time_ms` (apply never lets the clock go back).
+pub fn apply_at(
+    state: &mut State,
+    engine: &mut Engine,
+    index: u64,
+    time_ms: u64,
     mut command: pb::Command,
 ) -> Result<pb::CommandResult, String> {
-    command.time_ms = 1_000;
+    command.time_ms = time_ms;
     let batch = pb::CommandBatch {
         commands: vec![command],
     };

@@ -100,6 +100,10 @@ pub const SECRET_VERSION_PREFIX: &[u8] = b"secret-version/";
 pub const JTI_PREFIX: &[u8] = b"jti/";
 /// `jti-expiry/<expires_ms: u64 BE><agent>/<jti>` → empty.
 pub const JTI_EXPIRY_PREFIX: &[u8] = b"jti-expiry/";
+/// `expiry-floor/<index prefix>` → a key of that expiry index below which it holds no entry.
+/// Scans of the index start there, not at the prefix, so they skip the tombstones of every
+/// entry purged before.
+pub const EXPIRY_FLOOR_PREFIX: &[u8] = b"expiry-floor/";
 
 fn join_all(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut key = prefix.to_vec();
@@ -109,6 +113,17 @@ fn join_all(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
         }
         key.extend_from_slice(part);
     }
+    key
+}
+
+/// The least key of the timed index `prefix` at `at_ms`.
+pub fn timed_start(prefix: &[u8], at_ms: u64) -> Vec<u8> {
+    timed(prefix, at_ms, b"")
+}
+
+pub fn expiry_floor(index_prefix: &[u8]) -> Vec<u8> {
+    let mut key = EXPIRY_FLOOR_PREFIX.to_vec();
+    key.extend_from_slice(index_prefix);
     key
 }
 

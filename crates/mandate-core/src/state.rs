@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 
 use prost::Message;
 
@@ -22,8 +23,43 @@ pub trait StateRead {
         self.scan_prefix_first(prefix, usize::MAX)
     }
     /// The first `limit` entries whose key starts with `prefix`, in key order.
-    fn scan_prefix_first(&self, prefix: &[u8], limit: usize)
-        -> Result<Vec<KeyValue>, StorageFault>;
+    fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault> {
+        self.scan_range_first(prefix, prefix_end(prefix).as_deref(), limit)
+    }
+    /// The first `limit` entries with `start <= key < end` (no upper bound when `end` is
+    /// `None`), in key order. A scan that starts past deleted keys does not read them again: in
+    /// an LSM tree their tombstones stay until compaction drops them.
+    fn scan_range_first(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault>;
+}
+
+/// The least key above every key that starts with `prefix`; `None` when there is none (the
+/// prefix is empty or all `0xff`).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The `(start, end)` bounds of a range as `BTreeMap::range` takes them.
+fn bounds(start: &[u8], end: Option<&[u8]>) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    (
+        Bound::Included(start.to_vec()),
+        end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec())),
+    )
 }
 
 /// Pending writes (`None` = delete) layered over a base state. The base does not change while
@@ -71,20 +107,21 @@ impl<S: StateRead + ?Sized> StateRead for Overlay<'_, S> {
         Ok(value)
     }
 
-    fn scan_prefix_first(
+    fn scan_range_first(
         &self,
-        prefix: &[u8],
+        start: &[u8],
+        end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageFault> {
-        let pending: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
-            .writes
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .collect();
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        let pending: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
+            self.writes.range(bounds(start, end)).collect();
         // Each pending delete can hide one base entry, so read that many more from the base.
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
             .base
-            .scan_prefix_first(prefix, limit.saturating_add(pending.len()))?
+            .scan_range_first(start, end, limit.saturating_add(pending.len()))?
             .into_iter()
             .collect();
         for (key, value) in pending {
@@ -102,14 +139,17 @@ impl StateRead for BTreeMap<Vec<u8>, Vec<u8>> {
         Ok(BTreeMap::get(self, key).cloned())
     }
 
-    fn scan_prefix_first(
+    fn scan_range_first(
         &self,
-        prefix: &[u8],
+        start: &[u8],
+        end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageFault> {
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
         Ok(self
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
+            .range(bounds(start, end))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
@@ -188,12 +228,13 @@ mod tests {
             Ok(self.entries.get(key).cloned())
         }
 
-        fn scan_prefix_first(
+        fn scan_range_first(
             &self,
-            prefix: &[u8],
+            start: &[u8],
+            end: Option<&[u8]>,
             limit: usize,
         ) -> Result<Vec<KeyValue>, StorageFault> {
-            self.entries.scan_prefix_first(prefix, limit)
+            self.entries.scan_range_first(start, end, limit)
         }
     }
 

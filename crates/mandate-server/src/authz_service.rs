@@ -943,23 +943,13 @@ pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
         if node.metrics().current_leader != Some(node.id) {
             continue;
         }
-        let now = now_ms();
-        let due = [
-            keys::GRANT_EXPIRY_PREFIX,
-            keys::APPROVAL_EXPIRY_PREFIX,
-            keys::JTI_EXPIRY_PREFIX,
-        ]
-        .iter()
-        .any(|prefix| {
-            node.view
-                .scan(prefix, prefix)
-                .next()
-                .and_then(Result::ok)
-                .and_then(|(k, _)| keys::split_timed(prefix, &k))
-                .is_some_and(|(at, _)| at <= now)
-        });
-        if !due {
-            continue;
+        match authz::anything_due(&node.view, now_ms()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "housekeeping could not read the expiry indexes");
+                continue;
+            }
         }
         let command = pb::Command {
             kind: Some(Kind::ExpireGrants(pb::ExpireGrants {})),

@@ -8,6 +8,7 @@
 //! two applies and read on a blocking thread while apply goes on.
 
 use std::io::Cursor;
+use std::ops::Bound;
 use std::path::Path;
 
 use mandate_core::state::{KeyValue, Overlay, StateRead};
@@ -50,12 +51,29 @@ impl StateRead for StateView {
             .map_err(|e| StorageFault(format!("reading the state: {e}")))
     }
 
-    fn scan_prefix_first(
+    fn scan_range_first(
         &self,
-        prefix: &[u8],
+        start: &[u8],
+        end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageFault> {
-        self.scan(prefix, prefix).take(limit).collect()
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        let range = (
+            Bound::Included(start),
+            end.map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        self.tree
+            .range::<&[u8], _>(range)
+            .take(limit)
+            .map(|guard| {
+                guard
+                    .into_inner()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| StorageFault(format!("scanning the state: {e}")))
+            })
+            .collect()
     }
 }
 

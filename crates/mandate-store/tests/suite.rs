@@ -344,3 +344,51 @@ fn a_data_directory_whose_state_is_a_sled_database_opens_with_its_state_moved() 
     // Opened again, the moved state is simply there.
     assert_opens_with(old.path(), &before);
 }
+
+#[test]
+fn a_range_scan_of_the_view_reads_from_its_start_up_to_its_end_and_no_further() {
+    use mandate_core::keys;
+    use mandate_core::state::{prefix_end, StateRead};
+    runtime().block_on(async {
+        let (_a, mut sm) = store();
+        sm.apply(vec![entry(
+            1,
+            vec![
+                bootstrap(),
+                register(1),
+                register(2),
+                register(3),
+                register(4),
+            ],
+        )])
+        .await
+        .expect("apply");
+        let view = sm.view();
+        let agent = |i: u64| keys::agent(&format!("agt_{i:032x}"));
+        let ids = |found: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<Vec<u8>> {
+            found.into_iter().map(|(k, _)| k).collect()
+        };
+
+        let middle = view
+            .scan_range_first(&agent(2), Some(&agent(4)), 10)
+            .expect("scan");
+        assert_eq!(ids(middle), vec![agent(2), agent(3)]);
+
+        let limited = view.scan_range_first(&agent(2), None, 1).expect("scan");
+        assert_eq!(ids(limited), vec![agent(2)]);
+
+        let past_agents = prefix_end(keys::AGENT_PREFIX);
+        let to_the_last_agent = view
+            .scan_range_first(&agent(3), past_agents.as_deref(), 10)
+            .expect("scan");
+        assert_eq!(ids(to_the_last_agent), vec![agent(3), agent(4)]);
+
+        let reversed = view
+            .scan_range_first(&agent(4), Some(&agent(2)), 10)
+            .expect("scan");
+        assert!(
+            reversed.is_empty(),
+            "an end at or before the start holds nothing"
+        );
+    });
+}

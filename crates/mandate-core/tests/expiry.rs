@@ -1,0 +1,217 @@
+//! Expiry of grants and replay-cache entries: each expiry index keeps a floor below which it
+//! holds nothing, so its scans start past the entries already purged (in the LSM tree, their
+//! tombstones) and stop at the first entry not yet due.
+
+use std::cell::RefCell;
+
+use mandate_core::authz::{self, EXPIRE_BATCH_MAX};
+use mandate_core::fixture::{self, as_operator, decision_world, State};
+use mandate_core::pb::{self, command::Kind, event::Kind as EventKind};
+use mandate_core::policy::Engine;
+use mandate_core::state::{KeyValue, StateRead};
+use mandate_core::{keys, StorageFault};
+
+const WORKER: &str = "agt_00000000000000000000000000000001";
+/// The fixture's own re-delegation used an assertion good until 60,000: its replay-cache entry
+/// outlives every test here.
+const FIXTURE_ASSERTIONS: usize = 1;
+
+struct World {
+    state: State,
+    engine: Engine,
+    index: u64,
+}
+
+impl World {
+    fn new() -> World {
+        let (state, engine, _) = decision_world().expect("the fixture builds");
+        World {
+            state,
+            engine,
+            index: 100,
+        }
+    }
+
+    fn apply_at(&mut self, time_ms: u64, command: pb::Command) -> Vec<EventKind> {
+        self.index += 1;
+        let result = fixture::apply_at(
+            &mut self.state,
+            &mut self.engine,
+            self.index,
+            time_ms,
+            command,
+        )
+        .expect("the command applies");
+        let Some(pb::command_result::Outcome::Applied(applied)) = result.outcome else {
+            panic!("the command was not applied: {result:?}");
+        };
+        applied.events.into_iter().filter_map(|e| e.kind).collect()
+    }
+
+    /// The worker's allowed read at `time_ms`: a grant living `ttl_ms`, and an assertion (its
+    /// replay-cache entry) expiring at `assertion_expires_ms`.
+    fn authorize(&mut self, time_ms: u64, ttl_ms: u64, assertion_expires_ms: u64) -> String {
+        let n = self.index;
+        let events = self.apply_at(
+            time_ms,
+            pb::Command {
+                agent: WORKER.into(),
+                kind: Some(Kind::Authorize(pb::Authorize {
+                    delegation_id: "dlg_sub".into(),
+                    action: "read".into(),
+                    resource: "secret/team-a/db-password".into(),
+                    request_context: fixture::request_context(),
+                    ttl_ms,
+                    assertion_kid: "k".into(),
+                    assertion_jti: format!("jti-{n}"),
+                    assertion_expires_ms,
+                    grant_id: format!("grt_{n}"),
+                    approval_id: format!("apv_{n}"),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        );
+        let decided = events
+            .into_iter()
+            .find_map(|e| match e {
+                EventKind::AuthorizationDecided(d) => Some(d),
+                _ => None,
+            })
+            .expect("an authorization records its decision");
+        assert_eq!(decided.decision, pb::Decision::Allow as i32, "{decided:?}");
+        format!("jti-{n}")
+    }
+
+    /// The leader's housekeeping at `time_ms`: the expiry it commits, if anything was due.
+    fn expire(&mut self, time_ms: u64) -> Option<pb::Expired> {
+        let events = self.apply_at(
+            time_ms,
+            as_operator(Kind::ExpireGrants(pb::ExpireGrants {})),
+        );
+        events.into_iter().find_map(|e| match e {
+            EventKind::Expired(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    fn count(&self, prefix: &[u8]) -> usize {
+        self.state
+            .scan_prefix(prefix)
+            .expect("the state reads")
+            .len()
+    }
+
+    fn replay_cached(&self, jti: &str) -> bool {
+        StateRead::get(&self.state, &keys::jti(WORKER, jti))
+            .expect("the state reads")
+            .is_some()
+    }
+}
+
+/// A view of the state that records where each range scan starts.
+struct Recording<'a> {
+    state: &'a State,
+    starts: RefCell<Vec<Vec<u8>>>,
+}
+
+impl StateRead for Recording<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
+        StateRead::get(self.state, key)
+    }
+
+    fn scan_range_first(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageFault> {
+        self.starts.borrow_mut().push(start.to_vec());
+        self.state.scan_range_first(start, end, limit)
+    }
+}
+
+#[test]
+fn an_expiry_scan_starts_past_every_entry_already_purged() {
+    let mut world = World::new();
+    let jtis: Vec<String> = (0..3)
+        .map(|_| world.authorize(1_000, 1_000, 2_000))
+        .collect();
+    assert!(world.expire(1_500).is_none(), "nothing is due before 2,000");
+
+    let expired = world.expire(3_000).expect("three grants are due at 3,000");
+    assert_eq!(expired.grant_ids.len(), 3);
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
+    assert!(jtis.iter().all(|jti| !world.replay_cached(jti)));
+
+    let view = Recording {
+        state: &world.state,
+        starts: RefCell::default(),
+    };
+    assert!(!authz::anything_due(&view, 4_000).expect("the state reads"));
+    assert_eq!(
+        authz::expire(&view, 4_000).expect("the state reads"),
+        Ok(vec![])
+    );
+    let starts = view.starts.into_inner();
+    assert_eq!(starts.len(), 6, "three indexes, asked twice");
+    for prefix in [
+        keys::GRANT_EXPIRY_PREFIX,
+        keys::APPROVAL_EXPIRY_PREFIX,
+        keys::JTI_EXPIRY_PREFIX,
+    ] {
+        let floor = keys::timed_start(prefix, 3_001);
+        let scans: Vec<&Vec<u8>> = starts.iter().filter(|s| s.starts_with(prefix)).collect();
+        assert_eq!(scans.len(), 2);
+        assert!(
+            scans.iter().all(|start| **start == floor),
+            "every scan of {} starts past the purge at 3,000",
+            String::from_utf8_lossy(prefix)
+        );
+    }
+}
+
+#[test]
+fn an_entry_indexed_below_the_floor_lowers_it_and_is_still_purged() {
+    let mut world = World::new();
+    world.authorize(1_000, 1_000, 2_000);
+    world.expire(3_000).expect("the first grant is due");
+
+    // An assertion whose expiry is behind the purge, as one accepted within the clock-skew
+    // leeway may be.
+    let late = world.authorize(3_500, 60_000, 2_500);
+    assert!(world.replay_cached(&late));
+    assert!(authz::anything_due(&world.state, 3_600).expect("the state reads"));
+    let expired = world.expire(3_600).expect("the replay-cache entry is due");
+    assert!(expired.grant_ids.is_empty(), "the grant lives on");
+    assert!(!world.replay_cached(&late));
+    assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), FIXTURE_ASSERTIONS);
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 1);
+}
+
+#[test]
+fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
+    let mut world = World::new();
+    let total = EXPIRE_BATCH_MAX + 5;
+    for _ in 0..total {
+        world.authorize(1_000, 1_000, 2_000);
+    }
+    let first = world.expire(3_000).expect("grants are due");
+    assert_eq!(first.grant_ids.len(), EXPIRE_BATCH_MAX);
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 5);
+    assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), 5 + FIXTURE_ASSERTIONS);
+    assert!(authz::anything_due(&world.state, 3_000).expect("the state reads"));
+
+    let second = world.expire(3_001).expect("the rest are due");
+    assert_eq!(second.grant_ids.len(), 5);
+    assert!(
+        second
+            .grant_ids
+            .iter()
+            .all(|id| !first.grant_ids.contains(id)),
+        "no grant is expired twice"
+    );
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
+    assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), FIXTURE_ASSERTIONS);
+    assert!(!authz::anything_due(&world.state, 10_000).expect("the state reads"));
+}
