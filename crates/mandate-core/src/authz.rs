@@ -1457,9 +1457,12 @@ fn due(
         .collect()
 }
 
-/// Whether a grant, an approval or a replay-cache entry is due at `time_ms`: the leader asks
-/// before it proposes an expiry.
-pub fn anything_due(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<bool, StorageFault> {
+/// How many entries are due at `time_ms` in the fullest expiry index (grants, approvals,
+/// replay-cache entries), counted up to [`EXPIRE_BATCH_MAX`]. The leader proposes an expiry when
+/// any is due, and the next one at once when this was a full batch, so expiry keeps pace with
+/// any rate of authorizations.
+pub fn due_count(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<usize, StorageFault> {
+    let mut most = 0;
     for prefix in [
         keys::GRANT_EXPIRY_PREFIX,
         keys::APPROVAL_EXPIRY_PREFIX,
@@ -1467,11 +1470,10 @@ pub fn anything_due(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<b
     ] {
         let from = expiry_floor(state, prefix)?;
         let to = past_due(prefix, time_ms);
-        if !state.scan_range_first(&from, to.as_deref(), 1)?.is_empty() {
-            return Ok(true);
-        }
+        let found = state.scan_range_first(&from, to.as_deref(), EXPIRE_BATCH_MAX)?;
+        most = most.max(found.len());
     }
-    Ok(false)
+    Ok(most)
 }
 
 /// Adds `key` to the expiry index `prefix`. An entry below the floor (its time is behind an

@@ -148,7 +148,7 @@ fn an_expiry_scan_starts_past_every_entry_already_purged() {
         state: &world.state,
         starts: RefCell::default(),
     };
-    assert!(!authz::anything_due(&view, 4_000).expect("the state reads"));
+    assert_eq!(authz::due_count(&view, 4_000).expect("the state reads"), 0);
     assert_eq!(
         authz::expire(&view, 4_000).expect("the state reads"),
         Ok(vec![])
@@ -181,7 +181,10 @@ fn an_entry_indexed_below_the_floor_lowers_it_and_is_still_purged() {
     // leeway may be.
     let late = world.authorize(3_500, 60_000, 2_500);
     assert!(world.replay_cached(&late));
-    assert!(authz::anything_due(&world.state, 3_600).expect("the state reads"));
+    assert_eq!(
+        authz::due_count(&world.state, 3_600).expect("the state reads"),
+        1
+    );
     let expired = world.expire(3_600).expect("the replay-cache entry is due");
     assert!(expired.grant_ids.is_empty(), "the grant lives on");
     assert!(!world.replay_cached(&late));
@@ -196,11 +199,19 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
     for _ in 0..total {
         world.authorize(1_000, 1_000, 2_000);
     }
+    assert_eq!(
+        authz::due_count(&world.state, 3_000).expect("the state reads"),
+        EXPIRE_BATCH_MAX,
+        "a backlog counts as a full batch, so the leader goes again at once"
+    );
     let first = world.expire(3_000).expect("grants are due");
     assert_eq!(first.grant_ids.len(), EXPIRE_BATCH_MAX);
     assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 5);
     assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), 5 + FIXTURE_ASSERTIONS);
-    assert!(authz::anything_due(&world.state, 3_000).expect("the state reads"));
+    assert_eq!(
+        authz::due_count(&world.state, 3_000).expect("the state reads"),
+        5
+    );
 
     let second = world.expire(3_001).expect("the rest are due");
     assert_eq!(second.grant_ids.len(), 5);
@@ -213,5 +224,8 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
     );
     assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
     assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), FIXTURE_ASSERTIONS);
-    assert!(!authz::anything_due(&world.state, 10_000).expect("the state reads"));
+    assert_eq!(
+        authz::due_count(&world.state, 10_000).expect("the state reads"),
+        0
+    );
 }
