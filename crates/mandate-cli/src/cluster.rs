@@ -126,13 +126,11 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), Failure> {
             },
     } = &cmd.command
     {
-        let bytes = std::fs::read(file)
-            .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
         let member = mandate_store::Member {
             peer_addr: peer_addr.clone(),
             client_addr: client_addr.clone(),
         };
-        let index = mandate_store::restore::restore(data_dir, &bytes, *node_id, member)
+        let index = mandate_store::restore::restore(data_dir, file, *node_id, member)
             .await
             .map_err(Failure)?;
         print(

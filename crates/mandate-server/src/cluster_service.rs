@@ -2,6 +2,7 @@
 
 use crate::tls::{member_endpoint, Tls};
 use std::collections::BTreeMap;
+use std::io::{Read, Seek};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use mandate_proto::v1::{
 use mandate_raft::node::role_name;
 use mandate_raft::{Member, Node, ReadConsistency};
 use rand::RngCore;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -35,6 +37,8 @@ use crate::{auth, status};
 pub const MEMBER_STATUS_TIMEOUT_MS: u64 = 1_000;
 /// Size of the chunks a saved snapshot is streamed in.
 pub const SNAPSHOT_STREAM_CHUNK_BYTES: usize = 1024 * 1024;
+/// How many chunks are read ahead of the client.
+const SNAPSHOT_STREAM_CHUNKS_AHEAD: usize = 4;
 /// How long `snapshot save` waits for the snapshot to be built.
 pub const SNAPSHOT_BUILD_TIMEOUT_MS: u64 = 60_000;
 
@@ -359,12 +363,18 @@ impl Cluster for ClusterService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::unavailable("no snapshot is available"))?;
-        let bytes = snapshot.snapshot.into_inner();
-        let chunks: Vec<Result<SnapshotChunk, Status>> = bytes
-            .chunks(SNAPSHOT_STREAM_CHUNK_BYTES)
-            .map(|c| Ok(SnapshotChunk { data: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        // The file is read on a blocking thread, a chunk at a time as the client takes them.
+        let mut file = snapshot.snapshot.into_std();
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_STREAM_CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = send_file(&mut file, &tx) {
+                // The client may be gone; then nobody is left to tell.
+                let _ = tx.blocking_send(Err(Status::internal(format!(
+                    "reading the snapshot file: {e}"
+                ))));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn create_token(
@@ -440,4 +450,21 @@ async fn member_status(
         .await
         .ok()
         .flatten()
+}
+
+/// Sends `file` from its start in chunks until it ends or the receiver is gone.
+fn send_file(
+    file: &mut std::fs::File,
+    tx: &tokio::sync::mpsc::Sender<Result<SnapshotChunk, Status>>,
+) -> std::io::Result<()> {
+    file.rewind()?;
+    loop {
+        let mut data = Vec::with_capacity(SNAPSHOT_STREAM_CHUNK_BYTES);
+        (&mut *file)
+            .take(SNAPSHOT_STREAM_CHUNK_BYTES as u64)
+            .read_to_end(&mut data)?;
+        if data.is_empty() || tx.blocking_send(Ok(SnapshotChunk { data })).is_err() {
+            return Ok(());
+        }
+    }
 }

@@ -7,7 +7,6 @@
 //! A snapshot reads a read snapshot of the store taken at the applied index, opened between
 //! two applies and read on a blocking thread while apply goes on.
 
-use std::io::Cursor;
 use std::ops::Bound;
 use std::path::Path;
 
@@ -24,7 +23,7 @@ use fjall::Readable;
 
 use crate::durability::Syncer;
 use crate::error::OpenError;
-use crate::snapshot::{self, SnapshotDir};
+use crate::snapshot::{self, SnapshotDir, SnapshotFile};
 use crate::types::{BatchOutcome, Member, NodeId, TypeConfig};
 use crate::StateDb;
 
@@ -290,34 +289,52 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
+        let file = self
+            .snapshots
+            .create("receiving")
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Member>,
-        data: Box<Cursor<Vec<u8>>>,
+        data: Box<SnapshotFile>,
     ) -> StorageResult<()> {
-        let bytes = data.into_inner();
+        let mut file = *data;
         let signature = Some(meta.signature());
-        let (_, entries) = snapshot::decode(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(signature.clone(), AnyError::error(e)))?;
+        let read_error =
+            |e: String| StorageIOError::read_snapshot(signature.clone(), AnyError::error(e));
+        let mut decoder =
+            snapshot::Decoder::open(file.reader().map_err(|e| read_error(e.to_string()))?)
+                .map_err(read_error)?;
         // One atomic batch: every old key goes, every snapshot key comes, applied state is set.
+        // Both the store and the body are in key order, so one pass over each finds the old
+        // keys absent from the snapshot.
         let mut batch = self.db.batch();
-        let keep: std::collections::BTreeSet<&[u8]> =
-            entries.iter().map(|e| e.key.as_slice()).collect();
-        for guard in self.tree.iter() {
-            let key = guard
+        let mut old = self.tree.iter().map(|guard| {
+            guard
                 .key()
-                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-            if !keep.contains(key.as_ref()) {
-                batch.remove(&self.tree, key);
+                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))
+        });
+        let mut next_old = old.next().transpose()?;
+        let mut entries = 0usize;
+        while let Some(entry) = decoder.next_entry().map_err(read_error)? {
+            while let Some(key) = next_old.take_if(|key| key.as_ref() <= entry.key.as_slice()) {
+                if key.as_ref() != entry.key.as_slice() {
+                    batch.remove(&self.tree, key);
+                }
+                next_old = old.next().transpose()?;
             }
+            batch.insert(&self.tree, entry.key, entry.value);
+            entries += 1;
         }
-        for entry in &entries {
-            batch.insert(&self.tree, entry.key.as_slice(), entry.value.as_slice());
+        while let Some(key) = next_old {
+            batch.remove(&self.tree, key);
+            next_old = old.next().transpose()?;
         }
+        drop(old);
         match &meta.last_log_id {
             Some(log_id) => bincode_put(&mut batch, &self.tree, APPLIED, log_id)
                 .map_err(StorageIOError::write_state_machine)?,
@@ -330,33 +347,42 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .sync()
             .await
             .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-        self.snapshots
-            .store_if_newer(&bytes, meta.last_log_id)
-            .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
+        let (last, snapshots) = (meta.last_log_id, self.snapshots.clone());
+        let adopt = move || snapshots.adopt_if_newer(&mut snapshots.own(file)?, last);
+        let adopted = if self.syncer.is_inline() {
+            adopt()
+        } else {
+            tokio::task::spawn_blocking(adopt)
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        adopted
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), AnyError::new(&e)))?;
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         self.engine = mandate_core::policy::Engine::default();
         tracing::info!(
             snapshot = %meta.snapshot_id,
-            entries = entries.len(),
+            entries,
             "installed a snapshot from the leader"
         );
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let Some(bytes) = self
+        let Some(mut file) = self
             .snapshots
-            .load()
+            .open_current()
             .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?
         else {
             return Ok(None);
         };
-        let (meta, _) = snapshot::decode(&bytes)
+        let meta = file
+            .meta()
             .map_err(|e| StorageIOError::read_snapshot(None, AnyError::error(e)))?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(file),
         }))
     }
 }
@@ -379,29 +405,43 @@ struct CutReader {
     tree: fjall::Keyspace,
 }
 
-/// Reads a whole cut into an encoded snapshot body and stores it as the node's snapshot.
+/// A snapshot as written: its file and its size.
+struct Written {
+    file: SnapshotFile,
+    entries: usize,
+    bytes: u64,
+}
+
+/// Streams a whole cut into a snapshot file and stores it as the node's snapshot.
 fn write_cut(
     meta: &snapshot::Meta,
     reader: CutReader,
     snapshots: &SnapshotDir,
-) -> Result<(Vec<u8>, usize), AnyError> {
-    let mut encoder = snapshot::Encoder::new(meta).map_err(AnyError::error)?;
+) -> Result<Written, AnyError> {
+    let io_error = |e: std::io::Error| AnyError::new(&e);
+    let mut file = snapshots.create("building").map_err(io_error)?;
+    let out = std::io::BufWriter::with_capacity(1 << 20, snapshot::SyncingWriter::new(file.file()));
+    let mut encoder = snapshot::Encoder::new(meta, out).map_err(io_error)?;
     for guard in reader.snapshot.iter(&reader.tree) {
         let (key, value) = guard.into_inner().map_err(|e| AnyError::new(&e))?;
-        encoder.push(key.to_vec(), value.to_vec());
+        encoder.push(&key, &value).map_err(io_error)?;
     }
-    let entries = encoder.entries();
-    let bytes = encoder.finish();
+    let (entries, bytes) = (encoder.entries(), encoder.bytes());
+    encoder.finish().map_err(io_error)?;
     if !snapshots
-        .store_if_newer(&bytes, meta.last_log_id)
-        .map_err(|e| AnyError::new(&e))?
+        .adopt_if_newer(&mut file, meta.last_log_id)
+        .map_err(io_error)?
     {
         tracing::info!(
             snapshot = %meta.snapshot_id,
             "a newer snapshot was installed while this one was built; keeping that one"
         );
     }
-    Ok((bytes, entries))
+    Ok(Written {
+        file,
+        entries,
+        bytes,
+    })
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -429,8 +469,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 .await
                 .unwrap_or_else(|e| Err(AnyError::new(&e)))
         };
-        let (bytes, entries) =
-            written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        let Written {
+            file,
+            entries,
+            bytes,
+        } = written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         // openraft purges the log below this snapshot next: the state on disk must reach it
         // first, or a crash could leave state behind the oldest entry still in the log.
         self.syncer.sync().await.map_err(|e| {
@@ -439,12 +482,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         tracing::info!(
             snapshot = %meta.snapshot_id,
             entries,
-            bytes = bytes.len(),
+            bytes,
             "built a snapshot"
         );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(file),
         })
     }
 }

@@ -5,7 +5,6 @@
 //! membership, vote) is bincode, the only place bincode is used.
 
 use std::fmt;
-use std::io::Cursor;
 
 use bytes::Bytes;
 use mandate_proto::v1 as pb;
@@ -21,7 +20,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

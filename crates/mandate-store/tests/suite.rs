@@ -109,6 +109,80 @@ fn a_snapshot_installed_elsewhere_plus_the_log_tail_rebuilds_the_same_state() {
 }
 
 #[test]
+fn a_snapshot_sent_in_chunks_through_its_file_installs_and_becomes_the_receivers_snapshot() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    runtime().block_on(async {
+        let (_a, mut sm_a) = store();
+        let (b_dir, mut sm_b) = store();
+        sm_a.apply(vec![
+            entry(1, vec![bootstrap()]),
+            entry(2, (1..=200).map(register).collect()),
+        ])
+        .await
+        .expect("apply a");
+        let mut sent = sm_a
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        // As openraft's sender and receiver do: seek to each chunk's offset, read, write.
+        let end = sent
+            .snapshot
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .expect("end");
+        let mut received = sm_b.begin_receiving_snapshot().await.expect("begin");
+        let mut offset = 0;
+        while offset < end {
+            sent.snapshot
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            let mut chunk = Vec::with_capacity(1000);
+            (&mut sent.snapshot)
+                .take(1000)
+                .read_to_end(&mut chunk)
+                .await
+                .expect("read a chunk");
+            received
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            received.write_all(&chunk).await.expect("write a chunk");
+            offset += chunk.len() as u64;
+        }
+        assert!(
+            end > 200 * 50,
+            "a body of {end} bytes is too small for 200 agents"
+        );
+        received.shutdown().await.expect("shutdown");
+        sm_b.install_snapshot(&sent.meta, received)
+            .await
+            .expect("install");
+        assert_eq!(
+            sm_a.view().dump().expect("dump a"),
+            sm_b.view().dump().expect("dump b")
+        );
+        let current = sm_b
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("the received snapshot is kept");
+        assert_eq!(current.meta, sent.meta);
+        let kept: Vec<_> = std::fs::read_dir(b_dir.1.path().join("snapshots"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            kept,
+            ["current.snapshot"],
+            "no unfinished file stays behind"
+        );
+    });
+}
+
+#[test]
 fn a_reopened_store_keeps_its_log_vote_state_and_snapshot() {
     let dir = tempfile::tempdir().expect("dir");
     let before = runtime().block_on(async {
