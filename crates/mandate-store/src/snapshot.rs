@@ -192,9 +192,12 @@ fn read_field(input: &mut impl BufRead) -> Result<Option<(u32, Field)>, String> 
             }
             Field::Bytes(bytes)
         }
-        other => return Err(format!(
-            "snapshot body: field {tag} has wire type {other:?}, which no field of the body uses"
-        )),
+        other => {
+            let used = "the body uses only varints and length-delimited fields";
+            return Err(format!(
+                "snapshot body: field {tag} has wire type {other:?}; {used}"
+            ));
+        }
     };
     Ok(Some((tag, field)))
 }
