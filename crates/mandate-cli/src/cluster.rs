@@ -175,6 +175,8 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), Failure> {
                         "term": m.term,
                         "last_log_index": m.last_log_index,
                         "applied_index": m.applied_index,
+                        "snapshot_index": m.snapshot_index,
+                        "purged_index": m.purged_index,
                     })
                 })
                 .collect();
@@ -188,15 +190,19 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), Failure> {
                     "cluster {}  leader {}  term {}",
                     r.cluster_id, r.leader, r.term
                 );
-                println!("ID\tROLE\tTERM\tLAST_LOG\tAPPLIED\tCLIENT_ADDR\tPEER_ADDR");
+                println!(
+                    "ID\tROLE\tTERM\tLAST_LOG\tAPPLIED\tSNAPSHOT\tPURGED\tCLIENT_ADDR\tPEER_ADDR"
+                );
                 for m in &r.members {
                     println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         m.id,
                         m.role,
                         m.term,
                         m.last_log_index,
                         m.applied_index,
+                        m.snapshot_index,
+                        m.purged_index,
                         m.client_addr,
                         m.peer_addr
                     );

@@ -156,6 +156,15 @@ fn a_learner_added_after_a_snapshot_receives_it_and_converges() {
         learner_dir.join("snapshots/current.snapshot").exists(),
         "the learner was brought up to date without a snapshot"
     );
+    let s = c.status(&all).expect("status");
+    assert!(
+        member(&s, leader)["purged_index"].as_u64() > Some(0),
+        "the leader purged no log: {s}"
+    );
+    assert!(
+        member(&s, 4)["snapshot_index"].as_u64() > Some(0),
+        "the status shows no snapshot on the learner: {s}"
+    );
     let got = c.json(&client, &["agent", "get", "agent-0", "--stale"]);
     assert_eq!(got["name"], "agent-0");
     let listed = c.json(

@@ -86,6 +86,8 @@ impl ClusterService {
                 last_log_index: m.last_log_index.unwrap_or(0),
                 applied_index: m.last_applied.map_or(0, |l| l.index),
                 voter,
+                snapshot_index: m.snapshot.map_or(0, |l| l.index),
+                purged_index: m.purged.map_or(0, |l| l.index),
             }),
             leader: m.current_leader.unwrap_or(0),
             cluster_id: self

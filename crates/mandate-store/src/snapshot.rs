@@ -30,6 +30,8 @@ const UNFINISHED: &str = "tmp";
 pub const SYNC_EVERY_BYTES: u64 = 8 * 1024 * 1024;
 /// The largest field a body may hold: the snapshot meta or one state entry. Larger is damage.
 pub const MAX_FIELD_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest key an entry may have: the state store's limit.
+pub const MAX_KEY_BYTES: usize = u16::MAX as usize;
 
 /// The field numbers of `SnapshotBody`.
 const VERSION_FIELD: u32 = 1;
@@ -149,6 +151,12 @@ impl<R: BufRead> Decoder<R> {
         };
         let entry =
             pb::StateEntry::decode(bytes.as_slice()).map_err(|e| format!("snapshot entry: {e}"))?;
+        if entry.key.is_empty() || entry.key.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "snapshot entry: a key of {} bytes; keys hold 1 to {MAX_KEY_BYTES}",
+                entry.key.len()
+            ));
+        }
         if self.previous.as_ref().is_some_and(|p| *p >= entry.key) {
             return Err("snapshot entries are not in strictly increasing key order".into());
         }
@@ -542,6 +550,27 @@ mod tests {
         other.entries.reverse();
         let err = decode(&other.encode_to_vec()).expect_err("out of order");
         assert!(err.contains("strictly increasing"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_with_an_empty_or_overlong_key_is_refused() {
+        for len in [0, MAX_KEY_BYTES + 1] {
+            let entry = pb::StateEntry {
+                key: vec![b'k'; len],
+                value: b"v".to_vec(),
+            };
+            let err = decode(&body(&Meta::default(), &[entry])).expect_err("a bad key");
+            assert_eq!(
+                err,
+                format!("snapshot entry: a key of {len} bytes; keys hold 1 to {MAX_KEY_BYTES}")
+            );
+        }
+        let longest = pb::StateEntry {
+            key: vec![b'k'; MAX_KEY_BYTES],
+            value: Vec::new(),
+        };
+        let decoded = decode(&body(&Meta::default(), std::slice::from_ref(&longest)));
+        assert_eq!(decoded, Ok(vec![longest]));
     }
 
     #[test]

@@ -302,62 +302,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, Member>,
         data: Box<SnapshotFile>,
     ) -> StorageResult<()> {
-        let mut file = *data;
         let signature = Some(meta.signature());
-        let read_error =
-            |e: String| StorageIOError::read_snapshot(signature.clone(), AnyError::error(e));
-        let mut decoder =
-            snapshot::Decoder::open(file.reader().map_err(|e| read_error(e.to_string()))?)
-                .map_err(read_error)?;
-        // One atomic batch: every old key goes, every snapshot key comes, applied state is set.
-        // Both the store and the body are in key order, so one pass over each finds the old
-        // keys absent from the snapshot.
-        let mut batch = self.db.batch();
-        let mut old = self.tree.iter().map(|guard| {
-            guard
-                .key()
-                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))
-        });
-        let mut next_old = old.next().transpose()?;
-        let mut entries = 0usize;
-        while let Some(entry) = decoder.next_entry().map_err(read_error)? {
-            while let Some(key) = next_old.take_if(|key| key.as_ref() <= entry.key.as_slice()) {
-                if key.as_ref() != entry.key.as_slice() {
-                    batch.remove(&self.tree, key);
-                }
-                next_old = old.next().transpose()?;
-            }
-            batch.insert(&self.tree, entry.key, entry.value);
-            entries += 1;
-        }
-        while let Some(key) = next_old {
-            batch.remove(&self.tree, key);
-            next_old = old.next().transpose()?;
-        }
-        drop(old);
-        match &meta.last_log_id {
-            Some(log_id) => bincode_put(&mut batch, &self.tree, APPLIED, log_id)
-                .map_err(StorageIOError::write_state_machine)?,
-            None => batch.remove(&self.tree, APPLIED),
-        }
-        bincode_put(&mut batch, &self.tree, MEMBERSHIP, &meta.last_membership)
-            .map_err(StorageIOError::write_state_machine)?;
-        commit(batch)?;
-        self.syncer
-            .sync()
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-        let (last, snapshots) = (meta.last_log_id, self.snapshots.clone());
-        let adopt = move || snapshots.adopt_if_newer(&mut snapshots.own(file)?, last);
-        let adopted = if self.syncer.is_inline() {
-            adopt()
+        let storage = storage_entries(meta).map_err(StorageIOError::write_state_machine)?;
+        let (tree, snapshots, last) = (self.tree.clone(), self.snapshots.clone(), meta.last_log_id);
+        let install = move || install_file(&tree, &snapshots, *data, storage, last);
+        let installed = if self.syncer.is_inline() {
+            install()
         } else {
-            tokio::task::spawn_blocking(adopt)
+            tokio::task::spawn_blocking(install)
                 .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .unwrap_or_else(|e| Err(Installing::Store(AnyError::new(&e))))
         };
-        adopted
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), AnyError::new(&e)))?;
+        let entries = installed.map_err(|e| match e {
+            Installing::Snapshot(e) => {
+                StorageIOError::read_snapshot(signature.clone(), AnyError::error(e))
+            }
+            Installing::Store(e) => StorageIOError::write_state_machine(e),
+            Installing::Adopting(e) => {
+                StorageIOError::write_snapshot(signature.clone(), AnyError::new(&e))
+            }
+        })?;
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         self.engine = mandate_core::policy::Engine::default();
@@ -385,6 +349,124 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot: Box::new(file),
         }))
     }
+}
+
+/// Why installing a snapshot stopped.
+enum Installing {
+    /// The body is malformed.
+    Snapshot(String),
+    /// The state store failed.
+    Store(AnyError),
+    /// The installed body could not become the node's snapshot.
+    Adopting(std::io::Error),
+}
+
+/// A key of the new state and its value; `None` removes the key.
+type NewEntry = (Vec<u8>, Option<Vec<u8>>);
+
+/// The storage-owned keys an installed snapshot sets, in key order: the applied log id it
+/// reflects (removed when it reflects none) and its membership.
+fn storage_entries(meta: &SnapshotMeta<NodeId, Member>) -> Result<Vec<NewEntry>, AnyError> {
+    let encode = |e: bincode::Error| AnyError::new(&*e);
+    let applied = meta
+        .last_log_id
+        .map(|l| bincode::serialize(&l))
+        .transpose()
+        .map_err(encode)?;
+    let membership = bincode::serialize(&meta.last_membership).map_err(encode)?;
+    let mut entries = vec![
+        (APPLIED.to_vec(), applied),
+        (MEMBERSHIP.to_vec(), Some(membership)),
+    ];
+    entries.sort();
+    Ok(entries)
+}
+
+/// Makes the body in `file` the whole state, then the node's snapshot; returns how many
+/// entries the body held.
+fn install_file(
+    tree: &fjall::Keyspace,
+    snapshots: &SnapshotDir,
+    mut file: SnapshotFile,
+    storage: Vec<NewEntry>,
+    last: Option<LogId<NodeId>>,
+) -> Result<usize, Installing> {
+    let reader = file
+        .reader()
+        .map_err(|e| Installing::Snapshot(e.to_string()))?;
+    let body = snapshot::Decoder::open(reader).map_err(Installing::Snapshot)?;
+    let entries = ingest(tree, body, storage)?;
+    snapshots
+        .own(file)
+        .and_then(|mut file| snapshots.adopt_if_newer(&mut file, last))
+        .map_err(Installing::Adopting)?;
+    Ok(entries)
+}
+
+/// The body's next entry, skipping its storage-owned keys: they are the sender's.
+fn next_body<R: std::io::BufRead>(
+    body: &mut snapshot::Decoder<R>,
+) -> Result<Option<NewEntry>, Installing> {
+    loop {
+        match body.next_entry().map_err(Installing::Snapshot)? {
+            Some(e) if e.key.starts_with(keys::STORAGE_PREFIX) => continue,
+            Some(e) => return Ok(Some((e.key, Some(e.value)))),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Replaces the whole state with a snapshot's in one ingestion: every entry of the body, the
+/// storage-owned `storage` entries in place of the sender's, and a tombstone for every key
+/// of the old state that neither holds. They are written in key order straight into new
+/// tables, so memory stays bounded whatever the snapshot's size; the tables are synced, and
+/// become visible and durable together when the ingestion finishes. Readers see the old state
+/// until then.
+fn ingest<R: std::io::BufRead>(
+    tree: &fjall::Keyspace,
+    mut body: snapshot::Decoder<R>,
+    storage: Vec<NewEntry>,
+) -> Result<usize, Installing> {
+    let store = |e: fjall::Error| Installing::Store(AnyError::new(&e));
+    let mut storage = storage.into_iter().peekable();
+    let mut from_body = next_body(&mut body)?;
+    let mut old = tree.iter().map(|guard| guard.key());
+    let mut next_old = old.next().transpose().map_err(store)?;
+    let mut ingestion = tree.start_ingestion().map_err(store)?;
+    let mut entries = 0usize;
+    loop {
+        let storage_first = match (storage.peek(), &from_body) {
+            (Some((key, _)), Some((body_key, _))) => key < body_key,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let new = if storage_first {
+            storage.next()
+        } else {
+            entries += 1;
+            std::mem::replace(&mut from_body, next_body(&mut body)?)
+        };
+        let Some((key, value)) = new else { break };
+        while let Some(old_key) = next_old.take_if(|k| k.as_ref() <= key.as_slice()) {
+            if old_key.as_ref() != key.as_slice() {
+                ingestion.write_tombstone(old_key).map_err(store)?;
+            }
+            next_old = old.next().transpose().map_err(store)?;
+        }
+        match value {
+            Some(value) => ingestion.write(key, value),
+            None => ingestion.write_tombstone(key),
+        }
+        .map_err(store)?;
+    }
+    while let Some(old_key) = next_old {
+        ingestion.write_tombstone(old_key).map_err(store)?;
+        next_old = old.next().transpose().map_err(store)?;
+    }
+    drop(old);
+    ingestion.finish().map_err(store)?;
+    Ok(entries)
 }
 
 type Cut = StorageResult<(Option<LogId<NodeId>>, Membership, CutReader)>;

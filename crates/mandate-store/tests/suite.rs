@@ -182,6 +182,97 @@ fn a_snapshot_sent_in_chunks_through_its_file_installs_and_becomes_the_receivers
     });
 }
 
+/// A's state at index 2: the cluster and 200 agents.
+async fn two_hundred_agents(sm: &mut StateMachine) -> openraft::storage::Snapshot<TypeConfig> {
+    sm.apply(vec![
+        entry(1, vec![bootstrap()]),
+        entry(2, (1..=200).map(register).collect()),
+    ])
+    .await
+    .expect("apply a");
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build")
+}
+
+#[test]
+fn an_installed_snapshot_replaces_the_whole_state_for_readers_and_after_a_reopen() {
+    let rt = runtime();
+    let (_a, mut sm_a) = store();
+    let ((log_b, dir_b), mut sm_b) = store();
+    let snapshot = rt.block_on(async {
+        // B holds keys the snapshot lacks (agents 98 and 99) and one it holds (agent 1).
+        sm_b.apply(vec![entry(
+            1,
+            vec![bootstrap(), register(98), register(99)],
+        )])
+        .await
+        .expect("apply b");
+        sm_b.apply(vec![entry(2, vec![register(1)])])
+            .await
+            .expect("apply b");
+        two_hundred_agents(&mut sm_a).await
+    });
+    let reader = sm_b.view();
+    rt.block_on(sm_b.install_snapshot(&snapshot.meta, snapshot.snapshot))
+        .expect("install");
+    let state_a = sm_a.view().dump().expect("dump a");
+    assert_eq!(reader.dump().expect("dump b"), state_a);
+    assert_eq!(reader.applied_index(), 2);
+    drop((reader, sm_b, log_b));
+
+    let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("reopen");
+    assert_eq!(sm_b.view().dump().expect("dump b"), state_a);
+    rt.block_on(async {
+        let (applied, membership) = sm_b.applied_state().await.expect("applied");
+        assert_eq!(applied, snapshot.meta.last_log_id);
+        assert_eq!(membership, snapshot.meta.last_membership);
+        let tail = vec![entry(3, vec![register(201)])];
+        sm_a.apply(tail.clone()).await.expect("tail a");
+        sm_b.apply(tail).await.expect("tail b");
+    });
+    assert_eq!(
+        sm_b.view().dump().expect("dump b"),
+        sm_a.view().dump().expect("dump a")
+    );
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_and_leaves_the_state_as_it_was() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    runtime().block_on(async {
+        let (_a, mut sm_a) = store();
+        let (_b, mut sm_b) = store();
+        sm_b.apply(vec![entry(1, vec![bootstrap(), register(99)])])
+            .await
+            .expect("apply b");
+        let before = sm_b.view().dump().expect("dump b");
+        let mut sent = two_hundred_agents(&mut sm_a).await;
+        let mut body = Vec::new();
+        sent.snapshot
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .expect("seek");
+        sent.snapshot.read_to_end(&mut body).await.expect("read");
+        let mut received = sm_b.begin_receiving_snapshot().await.expect("begin");
+        received
+            .write_all(&body[..body.len() - 1])
+            .await
+            .expect("write");
+        received.shutdown().await.expect("shutdown");
+        let err = sm_b
+            .install_snapshot(&sent.meta, received)
+            .await
+            .expect_err("a truncated body installs");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert_eq!(sm_b.view().dump().expect("dump b"), before);
+        assert_eq!(sm_b.view().applied_index(), 1);
+        assert!(sm_b.get_current_snapshot().await.expect("read").is_none());
+    });
+}
+
 #[test]
 fn a_reopened_store_keeps_its_log_vote_state_and_snapshot() {
     let dir = tempfile::tempdir().expect("dir");

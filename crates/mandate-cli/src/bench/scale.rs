@@ -1,6 +1,7 @@
 //! `mandate bench scale`: authorize latency on an empty cluster, then again after loading it
 //! with agents, delegations and live grants; each node's resident memory; and how long a node
-//! takes to restart from its own data and catch up. Needs a cluster the bench starts.
+//! takes to restart from its own data and catch up, then to catch up by installing the leader's
+//! snapshot after falling behind it. Needs a cluster the bench starts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,14 +36,20 @@ pub struct ScaleArgs {
 
 /// How long a restarted node may take to catch up before the bench gives up on it.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
+/// How far the leader's log moves on while a follower is down, in entries: past the 1,000 a
+/// snapshot keeps behind it by default, so the follower can only catch up from the snapshot.
+const INSTALL_LOG_GAP: u64 = 3_000;
+/// How long building, purging, sending and installing a snapshot may take.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Lifetime of the loaded grants: the longest there is.
 const LOADED_GRANT_TTL_S: u64 = mandate_core::authz::GRANT_TTL_MS_MAX / 1000;
 
-fn rss_mib(pid: u32) -> Option<f64> {
+/// A process's resident memory now (`VmRSS`) or at its peak (`VmHWM`), in MiB.
+fn memory_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -95,12 +102,114 @@ async fn fill(
     Ok(p)
 }
 
+async fn node_status(connection: &Connection, addr: &str) -> Result<pb::MemberStatus, Failure> {
+    let client = connection.client_at(&[addr.to_owned()])?;
+    let r = client
+        .cluster(|mut c| async move { c.node_status(pb::StatusRequest {}).await })
+        .await?;
+    Ok(r.status.unwrap_or_default())
+}
+
 async fn applied_index(connection: &Connection, addr: &str) -> Result<(u64, u64), Failure> {
     let client = connection.client_at(&[addr.to_owned()])?;
     let r = client
         .cluster(|mut c| async move { c.node_status(pb::StatusRequest {}).await })
         .await?;
     Ok((r.leader, r.status.map_or(0, |s| s.applied_index)))
+}
+
+/// Polls `check` every 50 ms until it yields a value, failing with `what` after `timeout`.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, Failure>>,
+{
+    let started = Instant::now();
+    loop {
+        // A node that is starting or electing refuses a status call; keep polling.
+        if let Ok(Some(value)) = check().await {
+            return Ok(value);
+        }
+        if started.elapsed() > timeout {
+            return Err(Failure(format!(
+                "{what} did not happen within {} s",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A follower that was down while the leader's log moved on past a snapshot catches up by
+/// installing that snapshot: kill it, authorize until the log has moved `INSTALL_LOG_GAP`
+/// entries on, have the leader build a snapshot (which purges its log behind it), restart the
+/// follower, and time it until it has installed the snapshot and applied what the leader had.
+/// Its peak resident memory covers receiving and installing the whole state.
+async fn install_after_falling_behind(
+    connection: &Connection,
+    cluster: &mut crate::dev::LocalCluster,
+    world: &Arc<World>,
+    json_out: bool,
+) -> Result<Value, Failure> {
+    let (leader, _) = applied_index(connection, &cluster.addrs[0]).await?;
+    let follower = (1..=3u64).rev().find(|id| *id != leader).unwrap_or(3);
+    let addr_of = |id: u64| cluster.addrs[usize::try_from(id - 1).unwrap_or(0)].clone();
+    let (leader_addr, follower_addr) = (addr_of(leader), addr_of(follower));
+    let behind = node_status(connection, &follower_addr)
+        .await?
+        .last_log_index;
+    cluster.kill(follower).await?;
+    // One client: one log entry per authorize, so the count is the gap.
+    let sweep = Sweep {
+        clients: vec![1],
+        budget: Budget::Count(INSTALL_LOG_GAP),
+        warmup: Duration::ZERO,
+    };
+    let moved = load::phase(connection, &Workload::Authorize, world, 1, &sweep).await?;
+    if !json_out {
+        println!("{}", human_line(&moved));
+    }
+    let client = connection.client_at(std::slice::from_ref(&leader_addr))?;
+    // The leader answers once the snapshot is built; its body is not needed here.
+    drop(
+        client
+            .cluster(|mut c| async move { c.snapshot_save(pb::SnapshotRequest {}).await })
+            .await?,
+    );
+    let snapshot_index = wait_for(
+        "the leader's purging its log past the follower",
+        INSTALL_TIMEOUT,
+        || async {
+            let s = node_status(connection, &leader_addr).await?;
+            Ok((s.purged_index > behind).then_some(s.snapshot_index))
+        },
+    )
+    .await?;
+    let target = node_status(connection, &leader_addr).await?.applied_index;
+
+    let restarted = Instant::now();
+    cluster.restart(follower).await?;
+    wait_for(
+        &format!("node {follower}'s installing the snapshot and catching up"),
+        INSTALL_TIMEOUT,
+        || async {
+            let s = node_status(connection, &follower_addr).await?;
+            Ok((s.snapshot_index >= snapshot_index && s.applied_index >= target).then_some(()))
+        },
+    )
+    .await?;
+    let caught_up_s = restarted.elapsed().as_secs_f64();
+    let pid = cluster
+        .pids()
+        .into_iter()
+        .find_map(|(id, pid)| (id == follower).then_some(pid));
+    Ok(json!({
+        "node": follower,
+        "log_index_when_stopped": behind,
+        "snapshot_index": snapshot_index,
+        "caught_up_s": caught_up_s,
+        "peak_rss_mib": pid.and_then(|pid| memory_mib(pid, "VmHWM")),
+    }))
 }
 
 pub async fn run(connection: &Connection, args: ScaleArgs) -> Result<(), Failure> {
@@ -144,7 +253,13 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
     let rss: Vec<Value> = cluster
         .pids()
         .into_iter()
-        .map(|(id, pid)| json!({ "node": id, "rss_mib": rss_mib(pid) }))
+        .map(|(id, pid)| {
+            json!({
+                "node": id,
+                "rss_mib": memory_mib(pid, "VmRSS"),
+                "peak_rss_mib": memory_mib(pid, "VmHWM"),
+            })
+        })
         .collect();
     let disk_mib = dir_bytes(&cluster.dir) as f64 / (1024.0 * 1024.0);
 
@@ -158,21 +273,17 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
     let restarted = Instant::now();
     cluster.restart(follower).await?;
     let listening_s = restarted.elapsed().as_secs_f64();
-    loop {
-        if let Ok((l, applied)) = applied_index(&connection, &addr).await {
-            if l != 0 && applied >= before {
-                break;
-            }
-        }
-        if restarted.elapsed() > RESTART_TIMEOUT {
-            return Err(Failure(format!(
-                "node {follower} did not catch up within {} s of restarting",
-                RESTART_TIMEOUT.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        &format!("node {follower}'s catching up after restarting"),
+        RESTART_TIMEOUT,
+        || async {
+            let (leader, applied) = applied_index(&connection, &addr).await?;
+            Ok((leader != 0 && applied >= before).then_some(()))
+        },
+    )
+    .await?;
     let ready_s = restarted.elapsed().as_secs_f64();
+    let installed = install_after_falling_behind(&connection, cluster, &world, json_out).await?;
     let p99 = |v: &[Value], i: usize| v[i]["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
     Ok(json!({
         "agents": args.agents,
@@ -194,6 +305,7 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
             "caught_up_s": ready_s,
             "applied_index_before": before,
         },
+        "install": installed,
     }))
 }
 
