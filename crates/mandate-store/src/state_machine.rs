@@ -290,6 +290,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
+        tracing::info!("receiving a snapshot from the leader");
         let file = self
             .snapshots
             .create("receiving")
@@ -303,6 +304,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         data: Box<SnapshotFile>,
     ) -> StorageResult<()> {
         let signature = Some(meta.signature());
+        let started = std::time::Instant::now();
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes = data.file().metadata().map_or(0, |m| m.len()),
+            "received a snapshot from the leader; installing it"
+        );
         let storage = storage_entries(meta).map_err(StorageIOError::write_state_machine)?;
         let (tree, snapshots, last) = (self.tree.clone(), self.snapshots.clone(), meta.last_log_id);
         let install = move || install_file(&tree, &snapshots, *data, storage, last);
@@ -328,6 +335,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tracing::info!(
             snapshot = %meta.snapshot_id,
             entries,
+            elapsed_ms = started.elapsed().as_millis(),
             "installed a snapshot from the leader"
         );
         Ok(())
