@@ -158,6 +158,7 @@ async fn install_after_falling_behind(
     let behind = node_status(connection, &follower_addr)
         .await?
         .last_log_index;
+    let term_before = node_status(connection, &leader_addr).await?.term;
     cluster.kill(follower).await?;
     // One client: one log entry per authorize, so the count is the gap.
     let sweep = Sweep {
@@ -199,6 +200,8 @@ async fn install_after_falling_behind(
     )
     .await?;
     let caught_up_s = restarted.elapsed().as_secs_f64();
+    // A follower that campaigns while the snapshot reaches it raises the term.
+    let term_after = node_status(connection, &leader_addr).await?.term;
     let pid = cluster
         .pids()
         .into_iter()
@@ -208,6 +211,8 @@ async fn install_after_falling_behind(
         "log_index_when_stopped": behind,
         "snapshot_index": snapshot_index,
         "caught_up_s": caught_up_s,
+        "leader_term_before": term_before,
+        "leader_term_after": term_after,
         "peak_rss_mib": pid.and_then(|pid| memory_mib(pid, "VmHWM")),
     }))
 }
