@@ -2,6 +2,7 @@
 //! membership changes, for the other members only (served on the peer listener).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mandate_core::pb;
 use mandate_proto::v1::raft_peer_server::RaftPeer;
@@ -11,6 +12,7 @@ use mandate_proto::v1::{
 };
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::forwarder::FORWARD_COMMANDS_MAX;
@@ -26,6 +28,28 @@ pub struct PeerService {
 impl PeerService {
     pub fn new(node: Arc<Node>) -> Self {
         PeerService { node }
+    }
+
+    /// Tells raft that the leader holding `vote` was heard from, as its heartbeat would.
+    ///
+    /// openraft 0.9 sends no heartbeats to a follower while a snapshot is in flight to it, and
+    /// hands the snapshot's chunks to its receiver without passing them through the raft core,
+    /// so during a long transfer and install (seconds for a large state) the follower's
+    /// election timer ran out, it campaigned, and its higher term deposed a healthy leader. A
+    /// chunk carries the leader's vote; an empty append under that vote, with no previous
+    /// entry and nothing to commit, refreshes the leader's lease and changes no log. Raft
+    /// refreshes the lease when it takes the append, but answers it only after what it answers
+    /// first (the install itself, for the last chunk), so nothing waits for the answer.
+    fn heard_from_leader(&self, vote: &openraft::Vote<NodeId>) {
+        let heartbeat = AppendEntriesRequest {
+            vote: *vote,
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let raft = self.node.raft.clone();
+        // A stale vote is refused here as it is by the install itself; nothing to report.
+        tokio::spawn(async move { raft.append_entries(heartbeat).await });
     }
 }
 
@@ -84,7 +108,21 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> =
             from_payload(request.get_ref()).map_err(bad_payload)?;
-        encode(&self.node.raft.install_snapshot(rpc).await)
+        let vote = rpc.vote;
+        let install = self.node.raft.install_snapshot(rpc);
+        tokio::pin!(install);
+        // The leader is waiting on this call: hear from it now and every heartbeat interval
+        // until the chunk is taken (the last chunk waits for the install, seconds on a large
+        // state).
+        self.heard_from_leader(&vote);
+        let heartbeat = Duration::from_millis(self.node.raft.config().heartbeat_interval);
+        let mut beats = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        loop {
+            tokio::select! {
+                taken = &mut install => return encode(&taken),
+                _ = beats.tick() => self.heard_from_leader(&vote),
+            }
+        }
     }
 
     async fn forward(
@@ -202,5 +240,47 @@ mod tests {
             many.message()
         );
         assert_eq!(node.metrics().last_log_index, None, "nothing was proposed");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_chunk_counts_as_hearing_from_its_leader_and_changes_no_log() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let member = Member {
+            peer_addr: "127.0.0.1:1".into(),
+            client_addr: "127.0.0.1:2".into(),
+        };
+        let node = Node::start(2, member, dir.path(), &RaftTiming::default(), None)
+            .await
+            .expect("node starts");
+        let service = PeerService::new(node.clone());
+        let leader_vote = openraft::Vote::new_committed(3, 1);
+        let chunk = InstallSnapshotRequest::<TypeConfig> {
+            vote: leader_vote,
+            meta: openraft::SnapshotMeta {
+                last_log_id: Some(openraft::LogId::new(
+                    openraft::CommittedLeaderId::new(3, 1),
+                    500,
+                )),
+                last_membership: Default::default(),
+                snapshot_id: "3-500".into(),
+            },
+            offset: 0,
+            data: vec![0; 1024],
+            done: false,
+        };
+        let payload = to_payload(&chunk).expect("encode");
+        service
+            .install_snapshot(Request::new(payload))
+            .await
+            .expect("the chunk is taken");
+        let metrics = node
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .metrics(|m| m.vote == leader_vote, "the chunk's vote is taken")
+            .await
+            .expect("the chunk's leader was not heard");
+        assert_eq!(metrics.current_term, 3);
+        assert_eq!(metrics.last_log_index, None, "the log changed");
+        assert_eq!(metrics.snapshot, None, "a partial snapshot was installed");
     }
 }
