@@ -204,17 +204,23 @@ mod tests {
     use super::*;
     use crate::{Member, RaftTiming};
 
-    #[tokio::test]
-    async fn a_forward_batch_with_no_commands_or_too_many_is_refused_and_proposes_nothing() {
+    /// A node that has joined no cluster, its peer service, and the directory it lives in.
+    async fn uninitialized_node(id: NodeId) -> (tempfile::TempDir, Arc<Node>, PeerService) {
         let dir = tempfile::tempdir().expect("temporary directory");
         let member = Member {
             peer_addr: "127.0.0.1:1".into(),
             client_addr: "127.0.0.1:2".into(),
         };
-        let node = Node::start(1, member, dir.path(), &RaftTiming::default(), None)
+        let node = Node::start(id, member, dir.path(), &RaftTiming::default(), None)
             .await
             .expect("node starts");
         let service = PeerService::new(node.clone());
+        (dir, node, service)
+    }
+
+    #[tokio::test]
+    async fn a_forward_batch_with_no_commands_or_too_many_is_refused_and_proposes_nothing() {
+        let (_dir, node, service) = uninitialized_node(1).await;
         let refused = |commands: Vec<pb::Command>| {
             let service = &service;
             async move {
@@ -244,15 +250,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_chunk_counts_as_hearing_from_its_leader_and_changes_no_log() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let member = Member {
-            peer_addr: "127.0.0.1:1".into(),
-            client_addr: "127.0.0.1:2".into(),
-        };
-        let node = Node::start(2, member, dir.path(), &RaftTiming::default(), None)
-            .await
-            .expect("node starts");
-        let service = PeerService::new(node.clone());
+        let (_dir, node, service) = uninitialized_node(2).await;
         let leader_vote = openraft::Vote::new_committed(3, 1);
         let chunk = InstallSnapshotRequest::<TypeConfig> {
             vote: leader_vote,
