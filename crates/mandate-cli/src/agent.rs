@@ -105,7 +105,12 @@ enum AgentSub {
         public_key: PathBuf,
     },
     /// Remove a public key from an agent, by kid.
-    RemoveKey { id: String, kid: String },
+    RemoveKey {
+        id: String,
+        /// A kid is base64url and may begin with `-`; it is read as a value, never as a flag.
+        #[arg(allow_hyphen_values = true)]
+        kid: String,
+    },
     /// Generate an Ed25519 key pair: the private key (PKCS#8 PEM) goes to --out, the public JWK
     /// is printed.
     Keygen {

@@ -142,6 +142,11 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
             "id",
         ),
         (
+            vec!["agent", "remove-key", "taken", "-hnosuchkid"],
+            "NotFound",
+            "has no key \"-hnosuchkid\"",
+        ),
+        (
             vec!["agent", "list", "--page-size", "5000"],
             "InvalidArgument",
             "page_size",
