@@ -1,5 +1,6 @@
 //! `mandate bench scale`: authorize latency on an empty cluster, then again after loading it
-//! with agents, delegations and live grants; each node's resident memory; and how long a node
+//! with agents, delegations and live grants, both at once and once the nodes have come to rest
+//! (as the empty cluster was); each node's resident memory; and how long a node
 //! takes to restart from its own data and catch up, then to catch up by installing the leader's
 //! snapshot after falling behind it. Needs a cluster the bench starts.
 
@@ -43,6 +44,48 @@ const INSTALL_LOG_GAP: u64 = 3_000;
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Lifetime of the loaded grants: the longest there is.
 const LOADED_GRANT_TTL_S: u64 = mandate_core::authz::GRANT_TTL_MS_MAX / 1000;
+
+/// How long the loaded cluster may take to come to rest before it is measured anyway.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A cluster is at rest when its nodes together use less CPU than this share of one core over
+/// [`SETTLE_WINDOW`]: heartbeats alone cost an idle three-node cluster about 1%.
+const SETTLED_CPU_SHARE: f64 = 0.10;
+const SETTLE_WINDOW: Duration = Duration::from_secs(2);
+/// Linux reports a process's CPU time in units of `USER_HZ`, which is 100 on every
+/// architecture it runs on.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds a process has used, user and system, all its threads (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; the fields follow the last ')'.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // After the name: state is the first field, utime the 12th, stime the 13th.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / USER_HZ)
+}
+
+/// Waits until the nodes `pids` are at rest: what the load left behind (the housekeeping that
+/// purges the replay cache of the load's assertions, fjall's flushes and compactions) is done,
+/// as it is for the empty cluster measured first. Returns the seconds waited and whether the
+/// cluster came to rest within [`SETTLE_TIMEOUT`].
+async fn settle(pids: &[u32]) -> (f64, bool) {
+    let started = Instant::now();
+    let total = || pids.iter().filter_map(|pid| cpu_seconds(*pid)).sum::<f64>();
+    let mut before = total();
+    loop {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let now = total();
+        let share = (now - before) / SETTLE_WINDOW.as_secs_f64();
+        before = now;
+        if share < SETTLED_CPU_SHARE {
+            return (started.elapsed().as_secs_f64(), true);
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            return (started.elapsed().as_secs_f64(), false);
+        }
+    }
+}
 
 /// A process's resident memory now (`VmRSS`) or at its peak (`VmHWM`), in MiB.
 fn memory_mib(pid: u32, field: &str) -> Option<f64> {
@@ -255,6 +298,12 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
         .as_mut()
         .map(|(c, _)| c)
         .ok_or_else(|| Failure("scale needs a cluster the bench started".into()))?;
+    let node_pids: Vec<u32> = cluster.pids().into_iter().map(|(_, pid)| pid).collect();
+    let (settle_s, settled) = settle(&node_pids).await;
+    if !json_out {
+        println!("at rest after {settle_s:.1} s (settled: {settled})");
+    }
+    let at_rest = measure_authorize(&connection, &world, duration, json_out).await?;
     let rss: Vec<Value> = cluster
         .pids()
         .into_iter()
@@ -301,6 +350,12 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
         "p99_loaded_over_empty": {
             "1_client": p99(&loaded, 0) / p99(&empty, 0).max(1e-9),
             "64_clients": p99(&loaded, 1) / p99(&empty, 1).max(1e-9),
+        },
+        "settle": { "seconds": settle_s, "settled": settled },
+        "authorize_loaded_at_rest": at_rest,
+        "p99_loaded_at_rest_over_empty": {
+            "1_client": p99(&at_rest, 0) / p99(&empty, 0).max(1e-9),
+            "64_clients": p99(&at_rest, 1) / p99(&empty, 1).max(1e-9),
         },
         "rss": rss,
         "data_dir_mib": disk_mib,
