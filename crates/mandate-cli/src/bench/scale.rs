@@ -101,8 +101,26 @@ fn memory_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Each node's latest snapshot index (`None` for a node that did not answer).
+async fn snapshot_indexes(connection: &Connection, addrs: &[String]) -> Vec<Option<u64>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        out.push(
+            node_status(connection, addr)
+                .await
+                .ok()
+                .map(|s| s.snapshot_index),
+        );
+    }
+    out
+}
+
+/// Authorize at 1 and at 64 clients on the nodes at `addrs`. Each phase says whether a node
+/// built a snapshot during it: a build reads the whole state and slows every node for its
+/// duration, on all three at about the same index.
 async fn measure_authorize(
     connection: &Connection,
+    addrs: &[String],
     world: &Arc<World>,
     duration: Duration,
     json_out: bool,
@@ -114,9 +132,17 @@ async fn measure_authorize(
             budget: Budget::Time(duration),
             warmup: Duration::from_secs(2),
         };
-        let p = load::phase(connection, &Workload::Authorize, world, clients, &sweep).await?;
+        let before = snapshot_indexes(connection, addrs).await;
+        let mut p = load::phase(connection, &Workload::Authorize, world, clients, &sweep).await?;
+        let built = snapshot_indexes(connection, addrs).await != before;
+        p["snapshot_built_during"] = json!(built);
         if !json_out {
-            println!("{}", human_line(&p));
+            let note = if built {
+                " (a snapshot was built meanwhile)"
+            } else {
+                ""
+            };
+            println!("{}{note}", human_line(&p));
         }
         out.push(p);
     }
@@ -276,8 +302,13 @@ pub async fn run(connection: &Connection, args: ScaleArgs) -> Result<(), Failure
 async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Result<Value, Failure> {
     let connection = target.connection.clone();
     let duration = Duration::from_secs(args.duration_secs);
+    let addrs = target
+        .cluster
+        .as_ref()
+        .map(|(c, _)| c.addrs.clone())
+        .unwrap_or_default();
     let world = Arc::new(World::create(&connection, &Workload::Authorize).await?);
-    let empty = measure_authorize(&connection, &world, duration, json_out).await?;
+    let empty = measure_authorize(&connection, &addrs, &world, duration, json_out).await?;
 
     let started = Instant::now();
     let mut filled = Vec::new();
@@ -291,7 +322,7 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
         }
     }
     let load_s = started.elapsed().as_secs_f64();
-    let loaded = measure_authorize(&connection, &world, duration, json_out).await?;
+    let loaded = measure_authorize(&connection, &addrs, &world, duration, json_out).await?;
 
     let cluster = target
         .cluster
@@ -303,7 +334,7 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
     if !json_out {
         println!("at rest after {settle_s:.1} s (settled: {settled})");
     }
-    let at_rest = measure_authorize(&connection, &world, duration, json_out).await?;
+    let at_rest = measure_authorize(&connection, &addrs, &world, duration, json_out).await?;
     let rss: Vec<Value> = cluster
         .pids()
         .into_iter()
