@@ -302,11 +302,12 @@ pub async fn run(connection: &Connection, args: ScaleArgs) -> Result<(), Failure
 async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Result<Value, Failure> {
     let connection = target.connection.clone();
     let duration = Duration::from_secs(args.duration_secs);
-    let addrs = target
+    let cluster = target
         .cluster
-        .as_ref()
-        .map(|(c, _)| c.addrs.clone())
-        .unwrap_or_default();
+        .as_mut()
+        .map(|(c, _)| c)
+        .ok_or_else(|| Failure("scale needs a cluster the bench started".into()))?;
+    let addrs = cluster.addrs.clone();
     let world = Arc::new(World::create(&connection, &Workload::Authorize).await?);
     let empty = measure_authorize(&connection, &addrs, &world, duration, json_out).await?;
 
@@ -324,11 +325,6 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
     let load_s = started.elapsed().as_secs_f64();
     let loaded = measure_authorize(&connection, &addrs, &world, duration, json_out).await?;
 
-    let cluster = target
-        .cluster
-        .as_mut()
-        .map(|(c, _)| c)
-        .ok_or_else(|| Failure("scale needs a cluster the bench started".into()))?;
     let node_pids: Vec<u32> = cluster.pids().into_iter().map(|(_, pid)| pid).collect();
     let (settle_s, settled) = settle(&node_pids).await;
     if !json_out {
@@ -370,6 +366,12 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
     let ready_s = restarted.elapsed().as_secs_f64();
     let installed = install_after_falling_behind(&connection, cluster, &world, json_out).await?;
     let p99 = |v: &[Value], i: usize| v[i]["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
+    let over_empty = |v: &[Value]| {
+        json!({
+            "1_client": p99(v, 0) / p99(&empty, 0).max(1e-9),
+            "64_clients": p99(v, 1) / p99(&empty, 1).max(1e-9),
+        })
+    };
     Ok(json!({
         "agents": args.agents,
         "delegations": args.delegations,
@@ -378,16 +380,10 @@ async fn measure(target: &mut Target, args: &ScaleArgs, json_out: bool) -> Resul
         "fill": filled,
         "authorize_empty": empty,
         "authorize_loaded": loaded,
-        "p99_loaded_over_empty": {
-            "1_client": p99(&loaded, 0) / p99(&empty, 0).max(1e-9),
-            "64_clients": p99(&loaded, 1) / p99(&empty, 1).max(1e-9),
-        },
+        "p99_loaded_over_empty": over_empty(&loaded),
         "settle": { "seconds": settle_s, "settled": settled },
         "authorize_loaded_at_rest": at_rest,
-        "p99_loaded_at_rest_over_empty": {
-            "1_client": p99(&at_rest, 0) / p99(&empty, 0).max(1e-9),
-            "64_clients": p99(&at_rest, 1) / p99(&empty, 1).max(1e-9),
-        },
+        "p99_loaded_at_rest_over_empty": over_empty(&at_rest),
         "rss": rss,
         "data_dir_mib": disk_mib,
         "restart": {
