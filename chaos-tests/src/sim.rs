@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use mandate_core::pb::{self, command::Kind, command_result::Outcome};
 use mandate_core::state::StateExt;
+use mandate_raft::snapshots::{self, SnapshotSchedule};
 use mandate_store::{Batch, Member, NodeId, StateView, SyncMode, TypeConfig};
 use openraft::error::{
     ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
@@ -47,6 +48,8 @@ pub const PORT: u16 = 7500;
 pub const EPOCH_MS: u64 = 1_800_000_000_000;
 /// The operator token every simulated write carries (bootstrapped first).
 pub const ROOT_TOKEN_ID: &str = "tok_simulation";
+/// Applied entries between two snapshots of one node (each node at its own offset).
+pub const SNAPSHOT_EVERY: u64 = 100;
 /// Longest a simulated RPC or client write may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest the healed cluster may take (in simulated time) to converge.
@@ -102,7 +105,9 @@ fn config(id: NodeId) -> openraft::Config {
         heartbeat_interval: 200,
         election_timeout_min: min,
         election_timeout_max: min + 1,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(100),
+        // Snapshots come from the production schedule, `snapshots::run`, every
+        // `SNAPSHOT_EVERY` entries.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 20,
         ..Default::default()
     }
@@ -296,6 +301,8 @@ async fn run_node(
     let view = sm.view();
     let raft = Raft::new(id, Arc::new(config(id)), SimNetwork, log, sm).await?;
     views.borrow_mut().insert(id, (raft.clone(), view));
+    let schedule = SnapshotSchedule::new(SNAPSHOT_EVERY)?;
+    tokio::spawn(snapshots::run(raft.clone(), id, schedule));
     if id == 1 && !raft.is_initialized().await? {
         raft.initialize(members).await?;
     }

@@ -12,6 +12,7 @@ pub mod forwarder;
 pub mod network;
 pub mod node;
 pub mod peer_service;
+pub mod snapshots;
 pub mod stamp;
 
 pub use mandate_store::{Member, NodeId, TypeConfig};
@@ -26,7 +27,8 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many log entries since the last one.
+    /// Build a snapshot every this many applied log entries; each member at its own offset
+    /// (see [`snapshots`]).
     pub snapshot_logs_since_last: u64,
     /// Log entries kept after a snapshot, for followers that lag a little.
     pub logs_kept_after_snapshot: u64,
@@ -65,12 +67,14 @@ impl RaftTiming {
                 self.install_snapshot_timeout_ms
             ));
         }
+        snapshots::SnapshotSchedule::new(self.snapshot_logs_since_last)?;
         openraft::Config {
             cluster_name: "mandate".into(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            // Each node asks for its own snapshots on its own schedule (`snapshots::run`).
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
@@ -103,5 +107,17 @@ mod tests {
         };
         let err = short.to_config().expect_err("200 ms is refused");
         assert!(err.contains("install_snapshot_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_configuration_with_no_entries_between_snapshots_is_refused() {
+        let never = RaftTiming {
+            snapshot_logs_since_last: 0,
+            ..RaftTiming::default()
+        };
+        let err = never
+            .to_config()
+            .expect_err("0 entries between snapshots is refused");
+        assert!(err.contains("snapshot_logs_since_last"), "{err}");
     }
 }

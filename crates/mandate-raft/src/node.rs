@@ -15,6 +15,7 @@ use tonic::transport::ClientTlsConfig;
 use crate::batcher::{BatchError, Batcher};
 use crate::forwarder::Forwarder;
 use crate::network::{NetworkFactory, PeerClients};
+use crate::snapshots::{self, SnapshotSchedule};
 use crate::{Raft, RaftTiming};
 
 /// How long a request waits for a leader to be known.
@@ -69,6 +70,14 @@ pub struct Node {
     batcher: Batcher,
     forwarder: Forwarder,
     peers: PeerClients,
+    /// The task asking raft for this node's snapshots; it ends with the node.
+    snapshot_turns: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.snapshot_turns.abort();
+    }
 }
 
 impl Node {
@@ -83,6 +92,7 @@ impl Node {
         let config = timing
             .to_config()
             .map_err(|e| format!("raft configuration: {e}"))?;
+        let schedule = SnapshotSchedule::new(timing.snapshot_logs_since_last)?;
         let (log, sm) = mandate_store::open(data_dir).map_err(|e| e.to_string())?;
         let view = sm.view();
         let peers = PeerClients::new(peer_tls);
@@ -94,6 +104,7 @@ impl Node {
             .map_err(|e| format!("starting raft: {e}"))?;
         let batcher = Batcher::start(raft.clone());
         let forwarder = Forwarder::new(peers.clone());
+        let snapshot_turns = tokio::spawn(snapshots::run(raft.clone(), id, schedule));
         Ok(Arc::new(Node {
             id,
             member,
@@ -102,6 +113,7 @@ impl Node {
             batcher,
             forwarder,
             peers,
+            snapshot_turns,
         }))
     }
 

@@ -551,6 +551,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
+        let started = std::time::Instant::now();
         let written = if self.syncer.is_inline() {
             write_cut(&meta, reader, &self.snapshots)
         } else {
@@ -573,6 +574,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot = %meta.snapshot_id,
             entries,
             bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "built a snapshot"
         );
         Ok(Snapshot {
