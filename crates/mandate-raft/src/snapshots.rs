@@ -57,11 +57,11 @@ impl SnapshotSchedule {
 pub async fn run(raft: Raft, id: NodeId, schedule: SnapshotSchedule) {
     let mut tick = tokio::time::interval(Duration::from_millis(SNAPSHOT_CHECK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let metrics = raft.metrics();
     let mut asked = 0u64;
     loop {
         tick.tick().await;
         let (applied, since, place, members) = {
-            let metrics = raft.metrics();
             let m = metrics.borrow();
             if m.running_state.is_err() {
                 return;
