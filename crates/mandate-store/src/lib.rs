@@ -73,21 +73,24 @@ pub(crate) struct StateDb {
     pub(crate) tree: fjall::Keyspace,
 }
 
-fn open_state_db(dir: &Path, mode: SyncMode) -> Result<StateDb, OpenError> {
+fn open_state_db(dir: &Path) -> Result<StateDb, OpenError> {
     let err = |what: &str| {
         let what = format!("{what} at {}", dir.display());
         move |e| OpenError::State(what, e)
     };
-    let mut builder = fjall::Database::builder(dir)
+    let db = fjall::Database::builder(dir)
         .cache_size(STATE_CACHE_BYTES)
         .max_journaling_size(STATE_JOURNAL_BYTES)
         // Apply's batches stay in fjall's buffer until the state is synced or the buffer
         // fills: a crash loses only a suffix, which the raft log applies again.
-        .manual_journal_persist(true);
-    if mode == SyncMode::Inline {
-        builder = builder.worker_threads(1);
-    }
-    let db = builder.open().map_err(err("opening"))?;
+        .manual_journal_persist(true)
+        // One worker flushes and compacts in turn. With more, fjall 3.1's worker 0 hands every
+        // compaction request back to the queue and, while another worker compacts, takes it
+        // again at once: a spinning core for the whole compaction (docs/architecture.md,
+        // Storage and durability).
+        .worker_threads(1)
+        .open()
+        .map_err(err("opening"))?;
     let tree = db
         .keyspace(STATE_TREE, || {
             fjall::KeyspaceCreateOptions::default().max_memtable_size(STATE_MEMTABLE_BYTES)
@@ -106,7 +109,7 @@ pub fn open_with(dir: &Path, mode: SyncMode) -> Result<(LogStore, StateMachine),
         std::fs::rename(&state_dir, &old_state_dir).map_err(|e| OpenError::io(&state_dir, e))?;
         segments::sync_dir(dir).map_err(|e| OpenError::io(dir, e))?;
     }
-    let state = open_state_db(&state_dir, mode)?;
+    let state = open_state_db(&state_dir)?;
     let old_log_dir = dir.join("db");
     let old_log_db = if old_log_dir.exists() {
         Some(open_sled(&old_log_dir)?)
