@@ -43,10 +43,9 @@ pub fn stamp(command: &mut pb::Command, time_ms: u64, rng: &mut impl RngCore) {
 /// A new record's id: `prefix`, the stamp time as 12 hex digits of milliseconds, then 80 random
 /// bits as 20 more. Ids sort by the time they were issued, so the records they key (and the
 /// indexes that end in them) arrive at the end of their key ranges in the state store rather
-/// than all over them, and the store's compactions find whole runs they can move instead of
-/// merging every new table with every old one. The random part keeps them unguessable and, at
-/// 80 bits a millisecond, unique.
-pub fn timed_id(prefix: &str, time_ms: u64, rng: &mut impl RngCore) -> String {
+/// than all over them (docs/benchmarks.md, One compaction worker, and time-ordered ids). The
+/// random part keeps them unguessable and, at 80 bits a millisecond, unique.
+fn timed_id(prefix: &str, time_ms: u64, rng: &mut impl RngCore) -> String {
     let mut random = [0u8; 10];
     rng.fill_bytes(&mut random);
     let millis = time_ms & 0xffff_ffff_ffff;
