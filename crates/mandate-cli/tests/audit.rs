@@ -229,9 +229,10 @@ fn an_edit_to_a_stored_record_is_found_by_verify_at_its_position() {
     let db = fjall::Database::builder(c.dir.path().join("node-1/state"))
         .open()
         .expect("open the node's state database");
+    // Audit records live in the state database's `trail` keyspace.
     let tree = db
-        .keyspace("state", fjall::KeyspaceCreateOptions::default)
-        .expect("state keyspace");
+        .keyspace("trail", fjall::KeyspaceCreateOptions::default)
+        .expect("trail keyspace");
     let stored = tree.get(&key).expect("read").expect("the record is stored");
     let mut record = pb::AuditRecord::decode(stored.as_ref()).expect("decode");
     record.actor = "tok_someone_else".into();

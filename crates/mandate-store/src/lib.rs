@@ -3,10 +3,11 @@
 //!
 //! Under a node's data directory: `log` holds the raft log — append-only segment files of
 //! checksummed entries, the vote and purge point (`meta`) and the committed log id
-//! (`committed`). `state` is a fjall database (an LSM tree) whose `state` keyspace holds every
-//! key of the materialized state, plus the applied log id and membership under the
-//! storage-owned `\0` prefix, so that state and `last_applied` always change in one atomic
-//! batch. `snapshots` holds single files written with write-fsync-rename.
+//! (`committed`). `state` is a fjall database (an LSM tree) whose keyspaces hold every key of
+//! the materialized state, split by prefix so that each is compacted apart (see [`parts`]),
+//! plus the applied log id and membership under the storage-owned `\0` prefix, so that state
+//! and `last_applied` always change in one atomic batch. `snapshots` holds single files
+//! written with write-fsync-rename.
 //!
 //! Durability: a log append is reported complete, and `save_vote` returns, only after the
 //! segment (or `meta`) has been `fdatasync`ed (see [`durability`]). The state's journal is
@@ -26,6 +27,7 @@
 pub mod durability;
 pub mod error;
 pub mod log_store;
+mod parts;
 pub mod restore;
 mod segments;
 pub mod snapshot;
@@ -67,10 +69,10 @@ fn open_sled(dir: &Path) -> Result<sled::Db, OpenError> {
         .map_err(|e| OpenError::Sled(dir.display().to_string(), e))
 }
 
-/// The state database and its one keyspace.
+/// The state database and its keyspaces.
 pub(crate) struct StateDb {
     pub(crate) db: fjall::Database,
-    pub(crate) tree: fjall::Keyspace,
+    pub(crate) parts: parts::Parts,
 }
 
 fn open_state_db(dir: &Path) -> Result<StateDb, OpenError> {
@@ -91,12 +93,21 @@ fn open_state_db(dir: &Path) -> Result<StateDb, OpenError> {
         .worker_threads(1)
         .open()
         .map_err(err("opening"))?;
-    let tree = db
-        .keyspace(STATE_TREE, || {
-            fjall::KeyspaceCreateOptions::default().max_memtable_size(STATE_MEMTABLE_BYTES)
-        })
-        .map_err(err("opening the state keyspace"))?;
-    Ok(StateDb { db, tree })
+    let parts =
+        parts::Parts::open(&db, STATE_MEMTABLE_BYTES).map_err(err("opening the keyspaces"))?;
+    // A state kept in one keyspace, as before the split: move each key where it now belongs.
+    let moved = parts
+        .settle(&db, MOVE_CHUNK)
+        .map_err(err("moving keys to their keyspaces"))?;
+    if moved > 0 {
+        db.persist(fjall::PersistMode::SyncAll)
+            .map_err(err("syncing the moved keys"))?;
+        tracing::info!(
+            keys = moved,
+            "moved keys of the state to their own keyspaces"
+        );
+    }
+    Ok(StateDb { db, parts })
 }
 
 /// Opens the storage of one node, making writes durable as `mode` says.
@@ -202,8 +213,8 @@ fn copy_old_log(old: &sled::Db, to: &Path) -> Result<usize, OpenError> {
     Ok(moved)
 }
 
-/// Name of the state keyspace, and of the state tree in earlier releases' sled databases.
-pub(crate) const STATE_TREE: &str = "state";
+/// Name of the state tree in earlier releases' sled databases.
+const STATE_TREE: &str = parts::STATE;
 /// Where an earlier release's sled state database is set aside while it is moved.
 const OLD_STATE_DIR: &str = "state.sled";
 /// Keys copied per batch when moving an old layout's state.
@@ -263,7 +274,7 @@ fn copy_tree(from: &sled::Tree, to: &StateDb) -> Result<usize, OpenError> {
     let mut copied = 0usize;
     for item in from.iter() {
         let (key, value) = item.map_err(|e| OpenError::Sled("reading the old state".into(), e))?;
-        batch.insert(&to.tree, key.as_ref(), value.as_ref());
+        batch.insert(to.parts.of(&key), key.as_ref(), value.as_ref());
         copied += 1;
         if copied.is_multiple_of(MOVE_CHUNK) {
             std::mem::replace(&mut batch, to.db.batch())

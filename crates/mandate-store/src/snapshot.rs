@@ -24,6 +24,9 @@ use crate::types::{Member, NodeId};
 /// Version of the snapshot body layout; a node refuses a body with another version.
 pub const FORMAT_VERSION: u32 = 1;
 const CURRENT: &str = "current.snapshot";
+/// A received snapshot while it is installed: kept across a restart, so that an install cut
+/// short can be finished from it.
+const INSTALLING: &str = "installing.snapshot";
 /// Files being built or received end in this; whatever a crash left of them is removed on open.
 const UNFINISHED: &str = "tmp";
 /// How much of a snapshot file is written between two syncs.
@@ -415,6 +418,37 @@ impl SnapshotDir {
         snapshot.file.rewind()?;
         io::copy(&mut snapshot.file, &mut copy.file())?;
         Ok(copy)
+    }
+
+    /// Keeps `snapshot`, a finished body about to be installed, as the one being installed: it
+    /// survives a restart until [`SnapshotDir::adopt_if_newer`] or
+    /// [`SnapshotDir::discard_installing`] takes it.
+    pub fn set_aside(&self, snapshot: &mut SnapshotFile) -> io::Result<()> {
+        snapshot.file.sync_all()?;
+        let installing = self.dir.join(INSTALLING);
+        fs::rename(&snapshot.path, &installing)?;
+        fs::File::open(&self.dir)?.sync_all()?;
+        snapshot.path = installing;
+        Ok(())
+    }
+
+    /// The snapshot being installed when the node stopped, open at its start, if any.
+    pub fn open_installing(&self) -> io::Result<Option<SnapshotFile>> {
+        let path = self.dir.join(INSTALLING);
+        match fs::File::open(&path) {
+            Ok(file) => Ok(Some(SnapshotFile { file, path })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the snapshot set aside for installing, if there is one.
+    pub fn discard_installing(&self) -> io::Result<()> {
+        match fs::remove_file(self.dir.join(INSTALLING)) {
+            Ok(()) => fs::File::open(&self.dir)?.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The current snapshot, open at its start, if one was ever stored.

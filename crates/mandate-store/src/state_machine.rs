@@ -1,8 +1,9 @@
 //! The state machine ([`openraft::storage::RaftStateMachine`]) on the state store.
 //!
 //! `apply` decodes each entry's command batch, runs `mandate_core::apply::apply_batch` over an
-//! overlay of the `state` keyspace, and writes the overlay, the applied log id and the
-//! membership in one atomic batch. Readers use a [`StateView`], which sees only whole batches.
+//! overlay of the state, and writes the overlay (each key to its keyspace), the applied log id
+//! and the membership in one atomic batch. Readers use a [`StateView`], which sees only whole
+//! batches.
 //!
 //! A snapshot reads a read snapshot of the store taken at the applied index, opened between
 //! two applies and read on a blocking thread while apply goes on.
@@ -10,7 +11,7 @@
 use std::ops::Bound;
 use std::path::Path;
 
-use mandate_core::state::{KeyValue, Overlay, StateRead};
+use mandate_core::state::{prefix_end, KeyValue, Overlay, StateRead};
 use mandate_core::{keys, StorageFault};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -23,6 +24,7 @@ use fjall::Readable;
 
 use crate::durability::Syncer;
 use crate::error::OpenError;
+use crate::parts::{self, Parts};
 use crate::snapshot::{self, SnapshotDir, SnapshotFile};
 use crate::types::{BatchOutcome, Member, NodeId, TypeConfig};
 use crate::StateDb;
@@ -31,6 +33,10 @@ use crate::StateDb;
 const APPLIED: &[u8] = b"\x00applied";
 /// Storage-owned key: the last membership applied (bincode).
 const MEMBERSHIP: &[u8] = b"\x00membership";
+/// Storage-owned key, present while a snapshot is installed: the keyspaces take it one after
+/// another, and a node that stops part way finishes the install from the set-aside body when
+/// it opens again.
+const INSTALLING: &[u8] = b"\x00installing";
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
@@ -38,13 +44,22 @@ type Membership = StoredMembership<NodeId, Member>;
 /// A read-only view of the materialized state; cheap to clone.
 #[derive(Clone)]
 pub struct StateView {
-    tree: fjall::Keyspace,
+    parts: Parts,
     applied: watch::Receiver<u64>,
+}
+
+/// One entry a store iterator read.
+fn read_entry(guard: fjall::Guard) -> Result<KeyValue, StorageFault> {
+    guard
+        .into_inner()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .map_err(|e| StorageFault(format!("scanning the state: {e}")))
 }
 
 impl StateRead for StateView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFault> {
-        self.tree
+        self.parts
+            .of(key)
             .get(key)
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(|e| StorageFault(format!("reading the state: {e}")))
@@ -63,16 +78,13 @@ impl StateRead for StateView {
             Bound::Included(start),
             end.map_or(Bound::Unbounded, Bound::Excluded),
         );
-        self.tree
-            .range::<&[u8], _>(range)
-            .take(limit)
-            .map(|guard| {
-                guard
-                    .into_inner()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|e| StorageFault(format!("scanning the state: {e}")))
-            })
-            .collect()
+        let sources = self.parts.for_range(start, end).map(|keyspace| {
+            keyspace
+                .range::<&[u8], _>(range)
+                .take(limit)
+                .map(read_entry)
+        });
+        parts::merged(sources).take(limit).collect()
     }
 }
 
@@ -83,23 +95,20 @@ impl StateView {
         prefix: &[u8],
         start: &[u8],
     ) -> impl Iterator<Item = Result<KeyValue, StorageFault>> + '_ {
-        let items = if start > prefix {
-            self.tree.range(start.to_vec()..)
-        } else {
-            self.tree.prefix(prefix)
-        };
-        let prefix = prefix.to_vec();
-        items
-            .map(|guard| {
-                guard
-                    .into_inner()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|e| StorageFault(format!("scanning the state: {e}")))
-            })
-            .take_while(move |item| match item {
-                Ok((k, _)) => k.starts_with(&prefix),
-                Err(_) => true,
-            })
+        let start = start.max(prefix).to_vec();
+        let end = prefix_end(prefix);
+        let range = (
+            Bound::Included(start.clone()),
+            end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let empty = end.as_ref().is_some_and(|end| &start >= end);
+        let sources: Vec<_> = self
+            .parts
+            .for_range(&start, end.as_deref())
+            .filter(|_| !empty)
+            .map(|keyspace| keyspace.range(range.clone()).map(read_entry))
+            .collect();
+        parts::merged(sources)
     }
 
     /// The index of the last log entry applied to this state.
@@ -121,7 +130,7 @@ impl StateView {
 /// The state machine of one node.
 pub struct StateMachine {
     db: fjall::Database,
-    tree: fjall::Keyspace,
+    parts: Parts,
     engine: mandate_core::policy::Engine,
     syncer: Syncer,
     snapshots: SnapshotDir,
@@ -142,12 +151,12 @@ fn bincode_decode<T: serde::de::DeserializeOwned>(
 
 fn bincode_put<T: serde::Serialize>(
     batch: &mut fjall::OwnedWriteBatch,
-    tree: &fjall::Keyspace,
+    parts: &Parts,
     key: &[u8],
     value: &T,
 ) -> Result<(), AnyError> {
     let bytes = bincode::serialize(value).map_err(|e| AnyError::new(&*e))?;
-    batch.insert(tree, key, bytes);
+    batch.insert(parts.of(key), key, bytes);
     Ok(())
 }
 
@@ -157,19 +166,20 @@ impl StateMachine {
         syncer: Syncer,
         snapshot_dir: &Path,
     ) -> Result<Self, OpenError> {
-        let StateDb { db, tree } = state;
+        let StateDb { db, parts } = state;
         let snapshots =
             SnapshotDir::open(snapshot_dir).map_err(|e| OpenError::io(snapshot_dir, e))?;
-        let applied: Option<LogId<NodeId>> =
-            bincode_decode(tree.get(APPLIED)).map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        finish_install(&parts, &snapshots)?;
+        let applied: Option<LogId<NodeId>> = bincode_decode(parts.state().get(APPLIED))
+            .map_err(|e| OpenError::Corrupt(e.to_string()))?;
         let (applied_tx, applied_rx) = watch::channel(applied.map_or(0, |l| l.index));
         let view = StateView {
-            tree: tree.clone(),
+            parts: parts.clone(),
             applied: applied_rx,
         };
         Ok(StateMachine {
             db,
-            tree,
+            parts,
             engine: mandate_core::policy::Engine::default(),
             syncer,
             snapshots,
@@ -184,9 +194,9 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
-        let applied =
-            bincode_decode(self.tree.get(APPLIED)).map_err(StorageIOError::read_state_machine)?;
-        let membership = bincode_decode(self.tree.get(MEMBERSHIP))
+        let applied = bincode_decode(self.parts.state().get(APPLIED))
+            .map_err(StorageIOError::read_state_machine)?;
+        let membership = bincode_decode(self.parts.state().get(MEMBERSHIP))
             .map_err(StorageIOError::read_state_machine)?
             .unwrap_or_default();
         Ok((applied, membership))
@@ -258,14 +268,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 !key.starts_with(keys::STORAGE_PREFIX),
                 "the domain wrote a storage-owned key"
             );
+            let keyspace = self.parts.of(&key);
             match value {
-                Some(v) => batch.insert(&self.tree, key, v),
-                None => batch.remove(&self.tree, key),
+                Some(v) => batch.insert(keyspace, key, v),
+                None => batch.remove(keyspace, key),
             }
         }
-        bincode_put(&mut batch, &self.tree, APPLIED, &last)
+        bincode_put(&mut batch, &self.parts, APPLIED, &last)
             .map_err(StorageIOError::write_state_machine)?;
-        bincode_put(&mut batch, &self.tree, MEMBERSHIP, &membership)
+        bincode_put(&mut batch, &self.parts, MEMBERSHIP, &membership)
             .map_err(StorageIOError::write_state_machine)?;
         commit(batch)?;
         self.applied_tx.send_replace(last.index);
@@ -277,7 +288,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // goes on.
         let cut = CutReader {
             snapshot: self.db.snapshot(),
-            tree: self.tree.clone(),
+            parts: self.parts.clone(),
         };
         let cut = self
             .read_applied()
@@ -311,8 +322,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             "received a snapshot from the leader; installing it"
         );
         let storage = storage_entries(meta).map_err(StorageIOError::write_state_machine)?;
-        let (tree, snapshots, last) = (self.tree.clone(), self.snapshots.clone(), meta.last_log_id);
-        let install = move || install_file(&tree, &snapshots, *data, storage, last);
+        let (db, parts, snapshots, last) = (
+            self.db.clone(),
+            self.parts.clone(),
+            self.snapshots.clone(),
+            meta.last_log_id,
+        );
+        let install = move || install_file(&db, &parts, &snapshots, *data, storage, last);
         let installed = if self.syncer.is_inline() {
             install()
         } else {
@@ -390,25 +406,94 @@ fn storage_entries(meta: &SnapshotMeta<NodeId, Member>) -> Result<Vec<NewEntry>,
     Ok(entries)
 }
 
+/// Sets or clears the mark of an install under way, durably.
+fn mark_installing(db: &fjall::Database, parts: &Parts, on: bool) -> fjall::Result<()> {
+    let mut batch = db.batch();
+    if on {
+        batch.insert(parts.state(), INSTALLING, []);
+    } else {
+        batch.remove(parts.state(), INSTALLING);
+    }
+    batch.commit()?;
+    db.persist(fjall::PersistMode::SyncAll)
+}
+
 /// Makes the body in `file` the whole state, then the node's snapshot; returns how many
-/// entries the body held.
+/// entries the body held. The body is set aside and the install marked first: the keyspaces
+/// take the new state one after another, and should the node stop between two of them,
+/// [`finish_install`] completes the install from the set-aside body when it opens.
 fn install_file(
-    tree: &fjall::Keyspace,
+    db: &fjall::Database,
+    parts: &Parts,
     snapshots: &SnapshotDir,
-    mut file: SnapshotFile,
+    file: SnapshotFile,
     storage: Vec<NewEntry>,
     last: Option<LogId<NodeId>>,
 ) -> Result<usize, Installing> {
-    let reader = file
-        .reader()
-        .map_err(|e| Installing::Snapshot(e.to_string()))?;
-    let body = snapshot::Decoder::open(reader).map_err(Installing::Snapshot)?;
-    let entries = ingest(tree, body, storage)?;
+    let store = |e: fjall::Error| Installing::Store(AnyError::new(&e));
+    let mut file = snapshots.own(file).map_err(Installing::Adopting)?;
     snapshots
-        .own(file)
-        .and_then(|mut file| snapshots.adopt_if_newer(&mut file, last))
+        .set_aside(&mut file)
+        .map_err(Installing::Adopting)?;
+    mark_installing(db, parts, true).map_err(store)?;
+    let ingested = file
+        .reader()
+        .map_err(|e| Installing::Snapshot(e.to_string()))
+        .and_then(|reader| snapshot::Decoder::open(reader).map_err(Installing::Snapshot))
+        .and_then(|body| ingest(parts, body, storage));
+    let entries = match ingested {
+        Ok(entries) => entries,
+        // A malformed body is found before any keyspace takes it: the state is as it was.
+        Err(Installing::Snapshot(e)) => {
+            mark_installing(db, parts, false).map_err(store)?;
+            snapshots
+                .discard_installing()
+                .map_err(Installing::Adopting)?;
+            return Err(Installing::Snapshot(e));
+        }
+        Err(e) => return Err(e),
+    };
+    snapshots
+        .adopt_if_newer(&mut file, last)
         .map_err(Installing::Adopting)?;
     Ok(entries)
+}
+
+/// Completes a snapshot install that the node's stop cut short, from the body set aside for
+/// it; else removes a set-aside body left after its install completed.
+fn finish_install(parts: &Parts, snapshots: &SnapshotDir) -> Result<(), OpenError> {
+    let corrupt = |what: &str| OpenError::Corrupt(format!("finishing a snapshot install: {what}"));
+    let marked = parts
+        .state()
+        .get(INSTALLING)
+        .map_err(|e| OpenError::State("reading the install mark".into(), e))?;
+    if marked.is_none() {
+        return snapshots
+            .discard_installing()
+            .map_err(|e| corrupt(&e.to_string()));
+    }
+    let mut file = snapshots
+        .open_installing()
+        .map_err(|e| corrupt(&e.to_string()))?
+        .ok_or_else(|| corrupt("the install was marked but its snapshot is gone"))?;
+    let meta = file.meta().map_err(|e| corrupt(&e))?;
+    tracing::warn!(
+        snapshot = %meta.snapshot_id,
+        "a snapshot install was cut short; finishing it"
+    );
+    let storage = storage_entries(&meta).map_err(|e| corrupt(&e.to_string()))?;
+    let failed = |e: Installing| match e {
+        Installing::Snapshot(e) => corrupt(&e),
+        Installing::Store(e) => corrupt(&e.to_string()),
+        Installing::Adopting(e) => corrupt(&e.to_string()),
+    };
+    let reader = file.reader().map_err(|e| corrupt(&e.to_string()))?;
+    let body = snapshot::Decoder::open(reader).map_err(|e| corrupt(&e))?;
+    ingest(parts, body, storage).map_err(failed)?;
+    snapshots
+        .adopt_if_newer(&mut file, meta.last_log_id)
+        .map_err(|e| corrupt(&e.to_string()))?;
+    Ok(())
 }
 
 /// The body's next entry, skipping its storage-owned keys: they are the sender's.
@@ -424,23 +509,35 @@ fn next_body<R: std::io::BufRead>(
     }
 }
 
-/// Replaces the whole state with a snapshot's in one ingestion: every entry of the body, the
-/// storage-owned `storage` entries in place of the sender's, and a tombstone for every key
-/// of the old state that neither holds. They are written in key order straight into new
-/// tables, so memory stays bounded whatever the snapshot's size; the tables are synced, and
-/// become visible and durable together when the ingestion finishes. Readers see the old state
-/// until then.
+/// Replaces the whole state with a snapshot's, one ingestion per keyspace: every entry of the
+/// body, the storage-owned `storage` entries in place of the sender's, and a tombstone for
+/// every key of the old state that neither holds. They are written in key order straight into
+/// new tables, so memory stays bounded whatever the snapshot's size; the tables are synced,
+/// and each keyspace's become visible and durable together when its ingestion finishes, the
+/// `state` keyspace's (with the applied log id) last. Readers see each keyspace's old entries
+/// until its ingestion finishes; the applied index moves only after the last.
 fn ingest<R: std::io::BufRead>(
-    tree: &fjall::Keyspace,
+    parts: &Parts,
     mut body: snapshot::Decoder<R>,
     storage: Vec<NewEntry>,
 ) -> Result<usize, Installing> {
     let store = |e: fjall::Error| Installing::Store(AnyError::new(&e));
     let mut storage = storage.into_iter().peekable();
     let mut from_body = next_body(&mut body)?;
-    let mut old = tree.iter().map(|guard| guard.key());
-    let mut next_old = old.next().transpose().map_err(store)?;
-    let mut ingestion = tree.start_ingestion().map_err(store)?;
+    let keyspaces = parts.all();
+    let mut old = keyspaces
+        .each_ref()
+        .map(|keyspace| keyspace.iter().map(|guard| guard.key()));
+    let mut next_old: [Option<fjall::Slice>; parts::COUNT] = Default::default();
+    for (next, old) in next_old.iter_mut().zip(old.iter_mut()) {
+        *next = old.next().transpose().map_err(store)?;
+    }
+    let [trail, expiring, state] = keyspaces.each_ref().map(fjall::Keyspace::start_ingestion);
+    let mut ingestions = [
+        trail.map_err(store)?,
+        expiring.map_err(store)?,
+        state.map_err(store)?,
+    ];
     let mut entries = 0usize;
     loop {
         let storage_first = match (storage.peek(), &from_body) {
@@ -456,24 +553,29 @@ fn ingest<R: std::io::BufRead>(
             std::mem::replace(&mut from_body, next_body(&mut body)?)
         };
         let Some((key, value)) = new else { break };
-        while let Some(old_key) = next_old.take_if(|k| k.as_ref() <= key.as_slice()) {
+        let i = parts::index_of(&key);
+        while let Some(old_key) = next_old[i].take_if(|k| k.as_ref() <= key.as_slice()) {
             if old_key.as_ref() != key.as_slice() {
-                ingestion.write_tombstone(old_key).map_err(store)?;
+                ingestions[i].write_tombstone(old_key).map_err(store)?;
             }
-            next_old = old.next().transpose().map_err(store)?;
+            next_old[i] = old[i].next().transpose().map_err(store)?;
         }
         match value {
-            Some(value) => ingestion.write(key, value),
-            None => ingestion.write_tombstone(key),
+            Some(value) => ingestions[i].write(key, value),
+            None => ingestions[i].write_tombstone(key),
         }
         .map_err(store)?;
     }
-    while let Some(old_key) = next_old {
-        ingestion.write_tombstone(old_key).map_err(store)?;
-        next_old = old.next().transpose().map_err(store)?;
+    for i in 0..parts::COUNT {
+        while let Some(old_key) = next_old[i].take() {
+            ingestions[i].write_tombstone(old_key).map_err(store)?;
+            next_old[i] = old[i].next().transpose().map_err(store)?;
+        }
     }
     drop(old);
-    ingestion.finish().map_err(store)?;
+    for ingestion in ingestions {
+        ingestion.finish().map_err(store)?;
+    }
     Ok(entries)
 }
 
@@ -492,7 +594,7 @@ pub struct SnapshotBuilder {
 /// it sees until it is dropped, whatever apply writes meanwhile.
 struct CutReader {
     snapshot: fjall::Snapshot,
-    tree: fjall::Keyspace,
+    parts: Parts,
 }
 
 /// A snapshot as written: its file and its size.
@@ -512,8 +614,13 @@ fn write_cut(
     let mut file = snapshots.create("building").map_err(io_error)?;
     let out = std::io::BufWriter::with_capacity(1 << 20, snapshot::SyncingWriter::new(file.file()));
     let mut encoder = snapshot::Encoder::new(meta, out).map_err(io_error)?;
-    for guard in reader.snapshot.iter(&reader.tree) {
-        let (key, value) = guard.into_inner().map_err(|e| AnyError::new(&e))?;
+    let sources = reader
+        .parts
+        .all()
+        .iter()
+        .map(|keyspace| reader.snapshot.iter(keyspace).map(read_entry));
+    for entry in parts::merged(sources) {
+        let (key, value) = entry.map_err(|e| AnyError::new(&e))?;
         encoder.push(&key, &value).map_err(io_error)?;
     }
     let (entries, bytes) = (encoder.entries(), encoder.bytes());

@@ -183,6 +183,17 @@ fn a_snapshot_sent_in_chunks_through_its_file_installs_and_becomes_the_receivers
 }
 
 /// A's state at index 2: the cluster and 200 agents.
+/// Bootstraps `sm` and registers agents 98 and 99, which a snapshot of
+/// [`two_hundred_agents`] lacks.
+async fn stale_agents(sm: &mut StateMachine) {
+    sm.apply(vec![entry(
+        1,
+        vec![bootstrap(), register(98), register(99)],
+    )])
+    .await
+    .expect("apply the stale agents");
+}
+
 async fn two_hundred_agents(sm: &mut StateMachine) -> openraft::storage::Snapshot<TypeConfig> {
     sm.apply(vec![
         entry(1, vec![bootstrap()]),
@@ -204,12 +215,7 @@ fn an_installed_snapshot_replaces_the_whole_state_for_readers_and_after_a_reopen
     let ((log_b, dir_b), mut sm_b) = store();
     let snapshot = rt.block_on(async {
         // B holds keys the snapshot lacks (agents 98 and 99) and one it holds (agent 1).
-        sm_b.apply(vec![entry(
-            1,
-            vec![bootstrap(), register(98), register(99)],
-        )])
-        .await
-        .expect("apply b");
+        stale_agents(&mut sm_b).await;
         sm_b.apply(vec![entry(2, vec![register(1)])])
             .await
             .expect("apply b");
@@ -555,5 +561,102 @@ fn a_range_scan_of_the_view_reads_from_its_start_up_to_its_end_and_no_further() 
             reversed.is_empty(),
             "an end at or before the start holds nothing"
         );
+    });
+}
+
+/// Writes `state` into the one `state` keyspace of a fjall database at `path`, as releases
+/// before the state was split into keyspaces did.
+fn write_one_keyspace_state(path: &std::path::Path, state: &[(Vec<u8>, Vec<u8>)]) {
+    let db = fjall::Database::builder(path).open().expect("old store");
+    let keyspace = db
+        .keyspace("state", fjall::KeyspaceCreateOptions::default)
+        .expect("old keyspace");
+    for (key, value) in state {
+        keyspace
+            .insert(key.as_slice(), value.as_slice())
+            .expect("insert");
+    }
+    db.persist(fjall::PersistMode::SyncAll).expect("persist");
+}
+
+/// How many keys starting with `prefix` the keyspace `name` of the store at `path` holds.
+fn keys_in(path: &std::path::Path, name: &str, prefix: &[u8]) -> usize {
+    let db = fjall::Database::builder(path).open().expect("store");
+    let keyspace = db
+        .keyspace(name, fjall::KeyspaceCreateOptions::default)
+        .expect("keyspace");
+    keyspace.prefix(prefix).count()
+}
+
+#[test]
+fn a_state_kept_in_one_keyspace_opens_with_each_key_moved_to_its_own() {
+    use mandate_core::keys;
+    let old = tempfile::tempdir().expect("dir");
+    let mut before = state_of_twenty_agents();
+    // A replay-cache entry and its expiry, as an authorization leaves them.
+    before.push((keys::jti("agt_1", "j1"), 5_000u64.to_be_bytes().to_vec()));
+    before.push((keys::jti_expiry(5_000, "agt_1", "j1"), Vec::new()));
+    before.sort();
+    let records = before
+        .iter()
+        .filter(|(k, _)| k.starts_with(keys::AUDIT_PREFIX))
+        .count();
+    assert!(records > 0, "the state holds audit records");
+    let state_dir = old.path().join("state");
+    write_one_keyspace_state(&state_dir, &before);
+
+    assert_opens_with(old.path(), &before);
+    assert_eq!(keys_in(&state_dir, "state", keys::AUDIT_PREFIX), 0);
+    assert_eq!(keys_in(&state_dir, "state", keys::JTI_PREFIX), 0);
+    assert_eq!(keys_in(&state_dir, "state", keys::JTI_EXPIRY_PREFIX), 0);
+    assert_eq!(keys_in(&state_dir, "trail", keys::AUDIT_PREFIX), records);
+    assert_eq!(keys_in(&state_dir, "expiring", keys::JTI_PREFIX), 1);
+    assert_eq!(keys_in(&state_dir, "expiring", keys::JTI_EXPIRY_PREFIX), 1);
+    // Opened again, nothing is left to move and the state is the same.
+    assert_opens_with(old.path(), &before);
+}
+
+#[test]
+fn a_snapshot_install_cut_short_is_finished_when_the_store_opens_again() {
+    let rt = runtime();
+    let ((_log_a, dir_a), mut sm_a) = store();
+    let ((log_b, dir_b), mut sm_b) = store();
+    let snapshot = rt.block_on(async {
+        stale_agents(&mut sm_b).await;
+        two_hundred_agents(&mut sm_a).await
+    });
+    let state_a = sm_a.view().dump().expect("dump a");
+    drop((sm_b, log_b));
+    // B stopped part way through installing A's snapshot: the body was set aside and the
+    // install marked, and the keyspaces had not all taken it.
+    let set_aside = dir_b.path().join("snapshots/installing.snapshot");
+    std::fs::copy(dir_a.path().join("snapshots/current.snapshot"), &set_aside)
+        .expect("set the body aside");
+    {
+        let db = fjall::Database::builder(dir_b.path().join("state"))
+            .open()
+            .expect("b's store");
+        let state = db
+            .keyspace("state", fjall::KeyspaceCreateOptions::default)
+            .expect("state keyspace");
+        state.insert(b"\x00installing", b"").expect("mark");
+        db.persist(fjall::PersistMode::SyncAll).expect("persist");
+    }
+
+    let (_log_b, mut sm_b) = mandate_store::open(dir_b.path()).expect("reopen");
+    assert_eq!(sm_b.view().dump().expect("dump b"), state_a);
+    assert!(
+        !set_aside.exists(),
+        "the set-aside body became the snapshot"
+    );
+    rt.block_on(async {
+        let (applied, _) = sm_b.applied_state().await.expect("applied");
+        assert_eq!(applied, snapshot.meta.last_log_id);
+        let current = sm_b
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("a current snapshot");
+        assert_eq!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
     });
 }
