@@ -14,9 +14,10 @@
 //! more than one keyspace reads them all and merges the results in key order.
 
 use std::iter::Peekable;
+use std::sync::LazyLock;
 
-use mandate_core::state::{prefix_end, KeyValue};
-use mandate_core::{keys, StorageFault};
+use mandate_core::keys;
+use mandate_core::state::prefix_end;
 
 /// Name of the keyspace of everything not routed elsewhere (and of the one keyspace of
 /// earlier releases).
@@ -40,6 +41,40 @@ const ROUTED: [(&str, &[&[u8]]); 2] = [
     ),
 ];
 
+/// Each routed prefix with the least key above all keys that start with it, and the position
+/// in [`Parts::all`] of its keyspace; computed once, for the range checks of every scan.
+static ROUTES: LazyLock<Vec<Route>> = LazyLock::new(|| {
+    ROUTED
+        .iter()
+        .enumerate()
+        .flat_map(|(part, (_, prefixes))| {
+            prefixes.iter().map(move |&prefix| Route {
+                part,
+                prefix,
+                end: prefix_end(prefix).expect("a routed prefix is not empty"),
+            })
+        })
+        .collect()
+});
+
+struct Route {
+    part: usize,
+    prefix: &'static [u8],
+    end: Vec<u8>,
+}
+
+impl Route {
+    /// Whether some key starting with this prefix may lie in `start <= key < end`.
+    fn meets(&self, start: &[u8], end: Option<&[u8]>) -> bool {
+        start < self.end.as_slice() && end.is_none_or(|end| end > self.prefix)
+    }
+
+    /// Whether every key in `start <= key < end` starts with this prefix.
+    fn holds(&self, start: &[u8], end: Option<&[u8]>) -> bool {
+        end.is_some_and(|end| start >= self.prefix && end <= self.end.as_slice())
+    }
+}
+
 /// How many keyspaces the state spans.
 pub(crate) const COUNT: usize = 3;
 
@@ -58,29 +93,19 @@ pub(crate) fn index_of(key: &[u8]) -> usize {
         .unwrap_or(COUNT - 1)
 }
 
-/// Whether some key starting with `prefix` may lie in `start <= key < end`.
-fn prefix_meets(prefix: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
-    let above_start = prefix_end(prefix).is_none_or(|prefix_end| start < prefix_end.as_slice());
-    above_start && end.is_none_or(|end| end > prefix)
-}
-
-/// Whether every key in `start <= key < end` starts with `prefix`.
-fn prefix_holds(prefix: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
-    match (prefix_end(prefix), end) {
-        (Some(prefix_end), Some(end)) => start >= prefix && end <= prefix_end.as_slice(),
-        _ => false,
-    }
-}
-
-/// The positions in [`Parts::all`] of the keyspaces that may hold keys in `start <= key < end`.
+/// The positions in [`Parts::all`] of the keyspaces that may hold keys in `start <= key < end`;
+/// none when the range is empty.
 pub(crate) fn indexes_for(start: &[u8], end: Option<&[u8]>) -> Vec<usize> {
+    if end.is_some_and(|end| end <= start) {
+        return Vec::new();
+    }
     let mut found = Vec::with_capacity(COUNT);
     let mut only_routed = false;
-    for (i, (_, prefixes)) in ROUTED.iter().enumerate() {
-        if prefixes.iter().any(|p| prefix_meets(p, start, end)) {
-            found.push(i);
+    for route in ROUTES.iter() {
+        if route.meets(start, end) && found.last() != Some(&route.part) {
+            found.push(route.part);
         }
-        only_routed |= prefixes.iter().any(|p| prefix_holds(p, start, end));
+        only_routed |= route.holds(start, end);
     }
     if !only_routed {
         found.push(COUNT - 1);
@@ -160,20 +185,22 @@ pub(crate) struct Merged<I: Iterator> {
 }
 
 /// Merges `sources`, whose keys are disjoint and each in key order.
-pub(crate) fn merged<I>(sources: impl IntoIterator<Item = I>) -> Merged<I>
+pub(crate) fn merged<I, K, V, E>(sources: impl IntoIterator<Item = I>) -> Merged<I>
 where
-    I: Iterator<Item = Result<KeyValue, StorageFault>>,
+    I: Iterator<Item = Result<(K, V), E>>,
+    K: AsRef<[u8]>,
 {
     Merged {
         sources: sources.into_iter().map(Iterator::peekable).collect(),
     }
 }
 
-impl<I> Iterator for Merged<I>
+impl<I, K, V, E> Iterator for Merged<I>
 where
-    I: Iterator<Item = Result<KeyValue, StorageFault>>,
+    I: Iterator<Item = Result<(K, V), E>>,
+    K: AsRef<[u8]>,
 {
-    type Item = Result<KeyValue, StorageFault>;
+    type Item = Result<(K, V), E>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut least: Option<(usize, &[u8])> = None;
@@ -183,8 +210,8 @@ where
                     least = Some((i, &[]));
                     break;
                 }
-                Some(Ok((key, _))) if least.is_none_or(|(_, k)| key.as_slice() < k) => {
-                    least = Some((i, key));
+                Some(Ok((key, _))) if least.is_none_or(|(_, k)| key.as_ref() < k) => {
+                    least = Some((i, key.as_ref()));
                 }
                 _ => {}
             }
@@ -197,6 +224,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mandate_core::state::KeyValue;
+    use mandate_core::StorageFault;
 
     #[test]
     fn each_key_is_routed_by_its_prefix() {

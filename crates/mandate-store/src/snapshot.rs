@@ -434,12 +434,7 @@ impl SnapshotDir {
 
     /// The snapshot being installed when the node stopped, open at its start, if any.
     pub fn open_installing(&self) -> io::Result<Option<SnapshotFile>> {
-        let path = self.dir.join(INSTALLING);
-        match fs::File::open(&path) {
-            Ok(file) => Ok(Some(SnapshotFile { file, path })),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.open_named(INSTALLING)
     }
 
     /// Removes the snapshot set aside for installing, if there is one.
@@ -453,7 +448,12 @@ impl SnapshotDir {
 
     /// The current snapshot, open at its start, if one was ever stored.
     pub fn open_current(&self) -> io::Result<Option<SnapshotFile>> {
-        let path = self.dir.join(CURRENT);
+        self.open_named(CURRENT)
+    }
+
+    /// The file `name` of this directory, open at its start, if it exists.
+    fn open_named(&self, name: &str) -> io::Result<Option<SnapshotFile>> {
+        let path = self.dir.join(name);
         match fs::File::open(&path) {
             Ok(file) => Ok(Some(SnapshotFile { file, path })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -71,9 +71,7 @@ impl StateRead for StateView {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageFault> {
-        if end.is_some_and(|end| end <= start) {
-            return Ok(Vec::new());
-        }
+        // An empty range reaches no keyspace.
         let range = (
             Bound::Included(start),
             end.map_or(Bound::Unbounded, Bound::Excluded),
@@ -101,11 +99,9 @@ impl StateView {
             Bound::Included(start.clone()),
             end.clone().map_or(Bound::Unbounded, Bound::Excluded),
         );
-        let empty = end.as_ref().is_some_and(|end| &start >= end);
         let sources: Vec<_> = self
             .parts
             .for_range(&start, end.as_deref())
-            .filter(|_| !empty)
             .map(|keyspace| keyspace.range(range.clone()).map(read_entry))
             .collect();
         parts::merged(sources)
@@ -618,7 +614,7 @@ fn write_cut(
         .parts
         .all()
         .iter()
-        .map(|keyspace| reader.snapshot.iter(keyspace).map(read_entry));
+        .map(|keyspace| reader.snapshot.iter(keyspace).map(fjall::Guard::into_inner));
     for entry in parts::merged(sources) {
         let (key, value) = entry.map_err(|e| AnyError::new(&e))?;
         encoder.push(&key, &value).map_err(io_error)?;
