@@ -91,7 +91,10 @@ enum Op {
         approval: u8,
         approve: bool,
     },
-    Expire,
+    /// Leader housekeeping, expiring at most `limit` entries of each index (0: the default).
+    Expire {
+        limit: u32,
+    },
 }
 
 const ACTIONS: [&str; 3] = ["read", "write", "delete"];
@@ -153,7 +156,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..4u8, any::<bool>()).prop_map(|(agent, sub)| Op::RevokeDelegation { agent, sub }),
         (0..120u8).prop_map(|grant| Op::Consume { grant }),
         (0..120u8, any::<bool>()).prop_map(|(approval, approve)| Op::Decide { approval, approve }),
-        Just(Op::Expire),
+        (0..4u32).prop_map(|limit| Op::Expire { limit }),
     ]
 }
 
@@ -246,7 +249,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
                 grant_id: format!("grt_a{n}"),
             })
         }
-        Op::Expire => Kind::ExpireGrants(pb::ExpireGrants {}),
+        Op::Expire { limit } => Kind::ExpireGrants(pb::ExpireGrants { limit }),
         Op::Register {
             id,
             name,
@@ -300,7 +303,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
     };
     let operator = if principal_user.is_empty()
         && principal_agent.is_empty()
-        && !matches!(op, Op::Consume { .. } | Op::Expire)
+        && !matches!(op, Op::Consume { .. } | Op::Expire { .. })
     {
         actor.to_owned()
     } else {
