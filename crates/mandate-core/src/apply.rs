@@ -243,7 +243,7 @@ fn decide_for(
         }
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
-        CommandKind::ExpireGrants(c) => return authz::expire(state, c, time_ms),
+        CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
         CommandKind::CompactAudit(_)
         | CommandKind::RecordRefusals(_)
         | CommandKind::AuditCheckpoint(_) => {

@@ -22,22 +22,8 @@ pub const GRANT_TTL_MS_MAX: u64 = 15 * 60_000;
 pub const GRANT_USES_MAX: u32 = 100;
 /// How long an approval waits for the user.
 pub const APPROVAL_TTL_MS: u64 = 15 * 60_000;
-/// Most grants, approvals or replay-cache entries one housekeeping command expires; also what an
-/// expiry command without a limit (one written before commands carried it) expires.
+/// Most grants, approvals or replay-cache entries one housekeeping command expires.
 pub const EXPIRE_BATCH_MAX: usize = 1000;
-/// What the leader's housekeeping asks one expiry command to expire. Every node applies the whole
-/// command before any command behind it, so a request that arrives beside a large expiry waits
-/// for all of it: small steps, proposed one after another, spread the purge of a burst of
-/// authorizations over many rounds instead of stalling one.
-pub const EXPIRE_STEP: u32 = 100;
-
-/// The most entries of each expiry index that an expiry asking for `limit` purges.
-fn expiry_limit(limit: u32) -> usize {
-    match usize::try_from(limit) {
-        Ok(0) | Err(_) => EXPIRE_BATCH_MAX,
-        Ok(n) => n.min(EXPIRE_BATCH_MAX),
-    }
-}
 /// Largest secret value, in bytes (sealed).
 pub const SECRET_BYTES_MAX: usize = 64 * 1024;
 /// Most request-context entries on one authorization.
@@ -1450,19 +1436,18 @@ fn past_due(prefix: &[u8], time_ms: u64) -> Option<Vec<u8>> {
     }
 }
 
-/// Index entries due at `time_ms`, oldest first, at most `limit`. The scan runs
+/// Index entries due at `time_ms`, oldest first, at most [`EXPIRE_BATCH_MAX`]. The scan runs
 /// from the index's floor to the first entry not yet due, so it reads neither the tombstones of
 /// entries purged before nor the live entries of the future.
 fn due(
     state: &(impl StateRead + ?Sized),
     prefix: &[u8],
     time_ms: u64,
-    limit: usize,
 ) -> Result<Vec<(Vec<u8>, String)>, StorageFault> {
     let from = expiry_floor(state, prefix)?;
     let to = past_due(prefix, time_ms);
     state
-        .scan_range_first(&from, to.as_deref(), limit)?
+        .scan_range_first(&from, to.as_deref(), EXPIRE_BATCH_MAX)?
         .into_iter()
         .map(|(key, _)| {
             let (_, id) = keys::split_timed(prefix, &key)
@@ -1473,15 +1458,10 @@ fn due(
 }
 
 /// How many entries are due at `time_ms` in the fullest expiry index (grants, approvals,
-/// replay-cache entries), counted up to `limit`. The leader proposes an expiry when any is due,
-/// and the next one at once when this was a full batch, so expiry keeps pace with any rate of
-/// authorizations.
-pub fn due_count(
-    state: &(impl StateRead + ?Sized),
-    time_ms: u64,
-    limit: u32,
-) -> Result<usize, StorageFault> {
-    let limit = expiry_limit(limit);
+/// replay-cache entries), counted up to [`EXPIRE_BATCH_MAX`]. The leader proposes an expiry when
+/// any is due, and the next one at once when this was a full batch, so expiry keeps pace with
+/// any rate of authorizations.
+pub fn due_count(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<usize, StorageFault> {
     let mut most = 0;
     for prefix in [
         keys::GRANT_EXPIRY_PREFIX,
@@ -1490,7 +1470,7 @@ pub fn due_count(
     ] {
         let from = expiry_floor(state, prefix)?;
         let to = past_due(prefix, time_ms);
-        let found = state.scan_range_first(&from, to.as_deref(), limit)?;
+        let found = state.scan_range_first(&from, to.as_deref(), EXPIRE_BATCH_MAX)?;
         most = most.max(found.len());
     }
     Ok(most)
@@ -1511,15 +1491,10 @@ fn index_expiry<S: StateRead + ?Sized>(
     Ok(())
 }
 
-pub fn expire(
-    state: &(impl StateRead + ?Sized),
-    c: &pb::ExpireGrants,
-    time_ms: u64,
-) -> Result<Decided, StorageFault> {
-    let limit = expiry_limit(c.limit);
-    let grants_due = due(state, keys::GRANT_EXPIRY_PREFIX, time_ms, limit)?;
-    let approvals_due = due(state, keys::APPROVAL_EXPIRY_PREFIX, time_ms, limit)?;
-    let jtis_due = due(state, keys::JTI_EXPIRY_PREFIX, time_ms, limit)?;
+pub fn expire(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<Decided, StorageFault> {
+    let grants_due = due(state, keys::GRANT_EXPIRY_PREFIX, time_ms)?;
+    let approvals_due = due(state, keys::APPROVAL_EXPIRY_PREFIX, time_ms)?;
+    let jtis_due = due(state, keys::JTI_EXPIRY_PREFIX, time_ms)?;
     if grants_due.is_empty() && approvals_due.is_empty() && jtis_due.is_empty() {
         return Ok(Ok(vec![]));
     }
@@ -1542,7 +1517,6 @@ pub fn expire(
         approval_ids,
         expired_ms: time_ms,
         replay_cache_purged_upto_ms: time_ms,
-        limit: c.limit,
     })]))
 }
 
@@ -1681,18 +1655,16 @@ fn use_delegations<S: StateRead + ?Sized>(
     Ok(())
 }
 
-/// Deletes the entries of the expiry index `prefix` due at `time_ms`, at most `limit`, and raises
-/// the floor past them: past everything due when the batch held it all, else just past the last
-/// one purged.
+/// Deletes the entries of the expiry index `prefix` due at `time_ms` and raises the floor past
+/// them: past everything due when the batch held it all, else just past the last one purged.
 fn purge_due<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     prefix: &[u8],
     time_ms: u64,
-    limit: usize,
 ) -> Result<Vec<String>, StorageFault> {
-    let due = due(state, prefix, time_ms, limit)?;
+    let due = due(state, prefix, time_ms)?;
     let floor = match due.last() {
-        Some((last, _)) if due.len() >= limit => {
+        Some((last, _)) if due.len() >= EXPIRE_BATCH_MAX => {
             let mut next = last.clone();
             next.push(0);
             Some(next)
@@ -1868,14 +1840,12 @@ pub fn materialize<S: StateRead + ?Sized>(
                     a.decided_ms = e.expired_ms;
                 })?;
             }
-            let limit = expiry_limit(e.limit);
-            purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms, limit)?;
-            purge_due(state, keys::APPROVAL_EXPIRY_PREFIX, e.expired_ms, limit)?;
+            purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)?;
+            purge_due(state, keys::APPROVAL_EXPIRY_PREFIX, e.expired_ms)?;
             for entry in purge_due(
                 state,
                 keys::JTI_EXPIRY_PREFIX,
                 e.replay_cache_purged_upto_ms,
-                limit,
             )? {
                 let mut key = keys::JTI_PREFIX.to_vec();
                 key.extend_from_slice(entry.as_bytes());

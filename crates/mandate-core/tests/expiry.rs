@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use mandate_core::authz::{self, EXPIRE_BATCH_MAX, EXPIRE_STEP};
+use mandate_core::authz::{self, EXPIRE_BATCH_MAX};
 use mandate_core::fixture::{self, as_operator, decision_world, State};
 use mandate_core::pb::{self, command::Kind, event::Kind as EventKind};
 use mandate_core::policy::Engine;
@@ -83,17 +83,11 @@ impl World {
         format!("jti-{n}")
     }
 
-    /// An expiry without a limit (as written before commands carried one) at `time_ms`: the
-    /// expiry it commits, if anything was due.
+    /// The leader's housekeeping at `time_ms`: the expiry it commits, if anything was due.
     fn expire(&mut self, time_ms: u64) -> Option<pb::Expired> {
-        self.expire_at_most(time_ms, 0)
-    }
-
-    /// An expiry of at most `limit` entries of each index at `time_ms`.
-    fn expire_at_most(&mut self, time_ms: u64, limit: u32) -> Option<pb::Expired> {
         let events = self.apply_at(
             time_ms,
-            as_operator(Kind::ExpireGrants(pb::ExpireGrants { limit })),
+            as_operator(Kind::ExpireGrants(pb::ExpireGrants {})),
         );
         events.into_iter().find_map(|e| match e {
             EventKind::Expired(e) => Some(e),
@@ -154,12 +148,9 @@ fn an_expiry_scan_starts_past_every_entry_already_purged() {
         state: &world.state,
         starts: RefCell::default(),
     };
+    assert_eq!(authz::due_count(&view, 4_000).expect("the state reads"), 0);
     assert_eq!(
-        authz::due_count(&view, 4_000, 0).expect("the state reads"),
-        0
-    );
-    assert_eq!(
-        authz::expire(&view, &pb::ExpireGrants::default(), 4_000).expect("the state reads"),
+        authz::expire(&view, 4_000).expect("the state reads"),
         Ok(vec![])
     );
     let starts = view.starts.into_inner();
@@ -191,7 +182,7 @@ fn an_entry_indexed_below_the_floor_lowers_it_and_is_still_purged() {
     let late = world.authorize(3_500, 60_000, 2_500);
     assert!(world.replay_cached(&late));
     assert_eq!(
-        authz::due_count(&world.state, 3_600, 0).expect("the state reads"),
+        authz::due_count(&world.state, 3_600).expect("the state reads"),
         1
     );
     let expired = world.expire(3_600).expect("the replay-cache entry is due");
@@ -209,7 +200,7 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
         world.authorize(1_000, 1_000, 2_000);
     }
     assert_eq!(
-        authz::due_count(&world.state, 3_000, 0).expect("the state reads"),
+        authz::due_count(&world.state, 3_000).expect("the state reads"),
         EXPIRE_BATCH_MAX,
         "a backlog counts as a full batch, so the leader goes again at once"
     );
@@ -218,7 +209,7 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
     assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 5);
     assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), 5 + FIXTURE_ASSERTIONS);
     assert_eq!(
-        authz::due_count(&world.state, 3_000, 0).expect("the state reads"),
+        authz::due_count(&world.state, 3_000).expect("the state reads"),
         5
     );
 
@@ -234,55 +225,7 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
     assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
     assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), FIXTURE_ASSERTIONS);
     assert_eq!(
-        authz::due_count(&world.state, 10_000, 0).expect("the state reads"),
+        authz::due_count(&world.state, 10_000).expect("the state reads"),
         0
     );
-}
-
-#[test]
-fn an_expiry_step_purges_at_most_its_limit_and_names_it_for_replay() {
-    let mut world = World::new();
-    let step = EXPIRE_STEP as usize;
-    for _ in 0..step + 5 {
-        world.authorize(1_000, 1_000, 2_000);
-    }
-    assert_eq!(
-        authz::due_count(&world.state, 3_000, EXPIRE_STEP).expect("the state reads"),
-        step,
-        "the leader counts up to its step, so a backlog sends it again at once"
-    );
-    let first = world
-        .expire_at_most(3_000, EXPIRE_STEP)
-        .expect("grants are due");
-    assert_eq!(
-        first.limit, EXPIRE_STEP,
-        "replaying the event purges as much"
-    );
-    assert_eq!(first.grant_ids.len(), step);
-    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 5);
-    assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), 5 + FIXTURE_ASSERTIONS);
-
-    let second = world
-        .expire_at_most(3_001, EXPIRE_STEP)
-        .expect("the rest are due");
-    assert_eq!(second.grant_ids.len(), 5);
-    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
-    assert_eq!(world.count(keys::JTI_EXPIRY_PREFIX), FIXTURE_ASSERTIONS);
-}
-
-#[test]
-fn an_expiry_asking_for_more_than_the_most_purges_the_most() {
-    let mut world = World::new();
-    for _ in 0..EXPIRE_BATCH_MAX + 1 {
-        world.authorize(1_000, 1_000, 2_000);
-    }
-    assert_eq!(
-        authz::due_count(&world.state, 3_000, u32::MAX).expect("the state reads"),
-        EXPIRE_BATCH_MAX
-    );
-    let expired = world
-        .expire_at_most(3_000, u32::MAX)
-        .expect("grants are due");
-    assert_eq!(expired.grant_ids.len(), EXPIRE_BATCH_MAX);
-    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 1);
 }

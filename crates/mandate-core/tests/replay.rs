@@ -91,10 +91,7 @@ enum Op {
         approval: u8,
         approve: bool,
     },
-    /// Leader housekeeping, expiring at most `limit` entries of each index (0: the default).
-    Expire {
-        limit: u32,
-    },
+    Expire,
 }
 
 const ACTIONS: [&str; 3] = ["read", "write", "delete"];
@@ -156,7 +153,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..4u8, any::<bool>()).prop_map(|(agent, sub)| Op::RevokeDelegation { agent, sub }),
         (0..120u8).prop_map(|grant| Op::Consume { grant }),
         (0..120u8, any::<bool>()).prop_map(|(approval, approve)| Op::Decide { approval, approve }),
-        (0..4u32).prop_map(|limit| Op::Expire { limit }),
+        Just(Op::Expire),
     ]
 }
 
@@ -249,7 +246,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
                 grant_id: format!("grt_a{n}"),
             })
         }
-        Op::Expire { limit } => Kind::ExpireGrants(pb::ExpireGrants { limit }),
+        Op::Expire => Kind::ExpireGrants(pb::ExpireGrants {}),
         Op::Register {
             id,
             name,
@@ -303,7 +300,7 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
     };
     let operator = if principal_user.is_empty()
         && principal_agent.is_empty()
-        && !matches!(op, Op::Consume { .. } | Op::Expire { .. })
+        && !matches!(op, Op::Consume { .. } | Op::Expire)
     {
         actor.to_owned()
     } else {

@@ -940,11 +940,10 @@ pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // A full step leaves more due: the next expiry is proposed as soon as this one is
-        // applied, not a tick later, so a backlog drains however fast authorizations arrive,
-        // one small command per round, with the clients' commands between them.
+        // A full batch leaves more due: the next expiry is proposed at once, not a tick later,
+        // so a backlog drains however fast authorizations arrive.
         while node.metrics().current_leader == Some(node.id) {
-            let due = match authz::due_count(&node.view, now_ms(), authz::EXPIRE_STEP) {
+            let due = match authz::due_count(&node.view, now_ms()) {
                 Ok(0) => break,
                 Ok(due) => due,
                 Err(e) => {
@@ -953,9 +952,7 @@ pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
                 }
             };
             let command = pb::Command {
-                kind: Some(Kind::ExpireGrants(pb::ExpireGrants {
-                    limit: authz::EXPIRE_STEP,
-                })),
+                kind: Some(Kind::ExpireGrants(pb::ExpireGrants {})),
                 serving_node: node.id,
                 ..Default::default()
             };
@@ -963,7 +960,7 @@ pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
                 tracing::debug!(error = %e, "housekeeping did not run");
                 break;
             }
-            if due < authz::EXPIRE_STEP as usize {
+            if due < authz::EXPIRE_BATCH_MAX {
                 break;
             }
         }

@@ -35,12 +35,8 @@ use crate::tls::{member_endpoint, Tls};
 use crate::tokens::Signer;
 use crate::{status, CLIENT_MESSAGE_BYTES_MAX};
 
-/// How often the leader looks at the audit trail's size and checkpoints.
+/// How often the leader looks for grants, approvals and replay-cache entries to expire.
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 2_000;
-/// How often the leader looks for grants, approvals and replay-cache entries to expire: often
-/// enough that what comes due between two looks is a step or two of [`mandate_core::authz::EXPIRE_STEP`] at
-/// thousands of authorizations a second, not a burst of them every two seconds.
-pub const EXPIRY_INTERVAL_MS: u64 = 250;
 
 fn load_kek(config: &NodeConfig) -> Result<Option<Kek>, ServerError> {
     let kek = match (&config.kek_file, std::env::var("MANDATE_KEK")) {
@@ -342,7 +338,7 @@ pub async fn run(
     ));
     let housekeeping = tokio::spawn(authz_service::housekeeping(
         node.clone(),
-        Duration::from_millis(EXPIRY_INTERVAL_MS),
+        Duration::from_millis(HOUSEKEEPING_INTERVAL_MS),
     ));
     if let Some(join) = config.join.clone() {
         tokio::spawn(join_cluster(
