@@ -47,10 +47,14 @@ const LOADED_GRANT_TTL_S: u64 = mandate_core::authz::GRANT_TTL_MS_MAX / 1000;
 
 /// How long the loaded cluster may take to come to rest before it is measured anyway.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// A cluster is at rest when its nodes together use less CPU than this share of one core over
-/// [`SETTLE_WINDOW`]: heartbeats alone cost an idle three-node cluster about 1%.
+/// A cluster is at rest when its nodes together use less CPU than this share of one core in
+/// each of [`SETTLE_QUIET_WINDOWS`] windows of [`SETTLE_WINDOW`] in a row: heartbeats alone cost
+/// an idle three-node cluster about 1%. One quiet window is not enough: fjall compacts in
+/// bursts, and the replay cache is purged every 2 s, so a single 2-s window could fall between
+/// them while the cluster was still busy.
 const SETTLED_CPU_SHARE: f64 = 0.10;
 const SETTLE_WINDOW: Duration = Duration::from_secs(2);
+const SETTLE_QUIET_WINDOWS: u32 = 5;
 /// Linux reports a process's CPU time in units of `USER_HZ`, which is 100 on every
 /// architecture it runs on.
 const USER_HZ: f64 = 100.0;
@@ -73,12 +77,18 @@ async fn settle(pids: &[u32]) -> (f64, bool) {
     let started = Instant::now();
     let total = || pids.iter().filter_map(|pid| cpu_seconds(*pid)).sum::<f64>();
     let mut before = total();
+    let mut quiet = 0;
     loop {
         tokio::time::sleep(SETTLE_WINDOW).await;
         let now = total();
         let share = (now - before) / SETTLE_WINDOW.as_secs_f64();
         before = now;
-        if share < SETTLED_CPU_SHARE {
+        quiet = if share < SETTLED_CPU_SHARE {
+            quiet + 1
+        } else {
+            0
+        };
+        if quiet == SETTLE_QUIET_WINDOWS {
             return (started.elapsed().as_secs_f64(), true);
         }
         if started.elapsed() > SETTLE_TIMEOUT {
