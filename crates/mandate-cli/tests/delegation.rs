@@ -248,6 +248,68 @@ fn an_action_that_needs_approval_waits_for_the_user() {
 }
 
 #[test]
+fn an_approved_grant_asked_for_after_its_lifetime_is_refused_as_expired() {
+    let c = DevCluster::start(1, 27200);
+    let world = World::create(&c, "latecomer");
+    let delegation = world.delegate(
+        &c,
+        &["delete"],
+        &["secret/team-a/*"],
+        &["--approval-for", "delete"],
+    );
+    let pending = world.authorize(
+        &c,
+        &delegation,
+        "delete",
+        "secret/team-a/db",
+        &["--ttl", "1s"],
+    );
+    let approval = pending["approval_id"].as_str().expect("approval id");
+    let approved = c.json(
+        &c.addrs[0],
+        &[
+            "approval",
+            "approve",
+            approval,
+            "--user-token",
+            &world.alice,
+        ],
+    );
+    let grant_id = approved["grant_id"].as_str().expect("grant id").to_owned();
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _enter = rt.enter();
+    let client = common::client_at(&c.ca_cert, &c.addrs[0], &c.token);
+    let fetch = || {
+        let request = mandate_client::pb::GetApprovalRequest {
+            agent_assertion: world.assertion(),
+            approval_id: approval.to_owned(),
+            wait_ms: 0,
+        };
+        rt.block_on(client.authz(|mut a| {
+            let r = request.clone();
+            async move { a.get_approval(r).await }
+        }))
+    };
+    let fresh = fetch().expect("the approved grant is fetched while it lives");
+    assert!(!fresh.token.is_empty());
+
+    // Once the grant's second is over, housekeeping removes it, and asking again says so.
+    let refusal = common::wait_for(
+        "the approved grant to be removed",
+        std::time::Duration::from_secs(10),
+        || fetch().err(),
+    );
+    assert_eq!(refusal.code(), mandate_client::Code::FailedPrecondition);
+    assert!(
+        refusal
+            .to_string()
+            .contains(&format!("{grant_id}, has expired")),
+        "{refusal}"
+    );
+}
+
+#[test]
 fn bad_input_to_delegation_and_authorization_calls_is_refused_and_changes_nothing() {
     let c = DevCluster::start(1, 24800);
     let world = World::create(&c, "careful");

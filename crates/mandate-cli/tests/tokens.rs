@@ -163,7 +163,7 @@ fn grant_tokens_verify_with_an_independent_library_and_tampering_is_refused() {
 }
 
 #[test]
-fn an_expired_grant_is_refused_by_mandate_and_by_an_independent_library() {
+fn an_expired_grant_is_refused_by_mandate_and_by_an_independent_library_then_removed() {
     let c = DevCluster::start(1, 24200);
     let world = World::create(&c, "expiring");
     let delegation = world.delegate(&c, &["read"], &["secret/team-a/*"], &[]);
@@ -211,5 +211,23 @@ fn an_expired_grant_is_refused_by_mandate_and_by_an_independent_library() {
         common::stderr(&out).contains("expired"),
         "{}",
         common::stderr(&out)
+    );
+
+    // The leader's housekeeping then removes the grant's record: an operator's revoke finds
+    // nothing, and the token stays inactive.
+    let grant_id = granted["grant_id"].as_str().expect("grant id");
+    let refusal = common::wait_for(
+        "the expired grant to be removed",
+        std::time::Duration::from_secs(10),
+        || {
+            let out = c.mandate(&["grant", "revoke", grant_id]);
+            let stderr = common::stderr(&out);
+            (!out.status.success() && stderr.contains("expired and been removed")).then_some(stderr)
+        },
+    );
+    assert!(refusal.contains(grant_id), "{refusal}");
+    assert_eq!(
+        c.json(&all, &["grant", "introspect", &token])["active"],
+        false
     );
 }

@@ -1334,16 +1334,18 @@ pub fn decide_approval(
 
 // ---------------------------------------------------------------- grants
 
+/// Why a grant id names no record: grants are removed once their lifetime is over.
+fn no_grant(id: &str) -> String {
+    format!("no grant {id}: it has expired and been removed, or never existed")
+}
+
 pub fn consume_grant(
     state: &(impl StateRead + ?Sized),
     c: &pb::ConsumeGrant,
     time_ms: u64,
 ) -> Result<Decided, StorageFault> {
     let Some(grant) = grant_record(state, &c.grant_id)? else {
-        return refuse(DomainError::not_found(
-            "token",
-            format!("no grant {}", c.grant_id),
-        ));
+        return refuse(DomainError::not_found("token", no_grant(&c.grant_id)));
     };
     if grant.status != pb::GrantStatus::Active as i32 {
         let status = pb::GrantStatus::try_from(grant.status).map_or("inactive", |s| match s {
@@ -1389,10 +1391,7 @@ pub fn end_grant(
     time_ms: u64,
 ) -> Result<Decided, StorageFault> {
     let Some(grant) = grant_record(state, &c.grant_id)? else {
-        return refuse(DomainError::not_found(
-            "grant_id",
-            format!("no grant {}", c.grant_id),
-        ));
+        return refuse(DomainError::not_found("grant_id", no_grant(&c.grant_id)));
     };
     let status = match pb::GrantEnd::try_from(c.how) {
         Ok(pb::GrantEnd::Complete) => pb::GrantStatus::Completed,
@@ -1436,6 +1435,14 @@ fn past_due(prefix: &[u8], time_ms: u64) -> Option<Vec<u8>> {
     }
 }
 
+/// An expiry index entry that is due: its key, the id it names, and its value (a grant's entry
+/// holds the grant's delegation id; the others hold nothing).
+struct Due {
+    key: Vec<u8>,
+    id: String,
+    value: Vec<u8>,
+}
+
 /// Index entries due at `time_ms`, oldest first, at most [`EXPIRE_BATCH_MAX`]. The scan runs
 /// from the index's floor to the first entry not yet due, so it reads neither the tombstones of
 /// entries purged before nor the live entries of the future.
@@ -1443,16 +1450,20 @@ fn due(
     state: &(impl StateRead + ?Sized),
     prefix: &[u8],
     time_ms: u64,
-) -> Result<Vec<(Vec<u8>, String)>, StorageFault> {
+) -> Result<Vec<Due>, StorageFault> {
     let from = expiry_floor(state, prefix)?;
     let to = past_due(prefix, time_ms);
     state
         .scan_range_first(&from, to.as_deref(), EXPIRE_BATCH_MAX)?
         .into_iter()
-        .map(|(key, _)| {
+        .map(|(key, value)| {
             let (_, id) = keys::split_timed(prefix, &key)
                 .ok_or_else(|| StorageFault("malformed expiry index key".into()))?;
-            Ok((key, String::from_utf8_lossy(&id).into_owned()))
+            Ok(Due {
+                id: String::from_utf8_lossy(&id).into_owned(),
+                key,
+                value,
+            })
         })
         .collect()
 }
@@ -1476,18 +1487,19 @@ pub fn due_count(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<usiz
     Ok(most)
 }
 
-/// Adds `key` to the expiry index `prefix`. An entry below the floor (its time is behind an
-/// earlier purge: a command time from a leader whose clock lags, an assertion within the skew
-/// leeway) lowers the floor to itself.
+/// Adds `key` to the expiry index `prefix`, holding `value`. An entry below the floor (its time
+/// is behind an earlier purge: a command time from a leader whose clock lags, an assertion
+/// within the skew leeway) lowers the floor to itself.
 fn index_expiry<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     prefix: &[u8],
     key: Vec<u8>,
+    value: Vec<u8>,
 ) -> Result<(), StorageFault> {
     if key < expiry_floor(state, prefix)? {
         state.put(keys::expiry_floor(prefix), key.clone());
     }
-    state.put(key, vec![]);
+    state.put(key, value);
     Ok(())
 }
 
@@ -1499,17 +1511,19 @@ pub fn expire(state: &(impl StateRead + ?Sized), time_ms: u64) -> Result<Decided
         return Ok(Ok(vec![]));
     }
     let mut grant_ids = Vec::new();
-    for (_, id) in grants_due {
-        if grant_record(state, &id)?.is_some_and(|g| g.status == pb::GrantStatus::Active as i32) {
-            grant_ids.push(id);
+    for entry in grants_due {
+        if grant_record(state, &entry.id)?
+            .is_some_and(|g| g.status == pb::GrantStatus::Active as i32)
+        {
+            grant_ids.push(entry.id);
         }
     }
     let mut approval_ids = Vec::new();
-    for (_, id) in approvals_due {
-        if approval_record(state, &id)?
+    for entry in approvals_due {
+        if approval_record(state, &entry.id)?
             .is_some_and(|a| a.status == pb::ApprovalStatus::Pending as i32)
         {
-            approval_ids.push(id);
+            approval_ids.push(entry.id);
         }
     }
     Ok(Ok(vec![EventKind::Expired(pb::Expired {
@@ -1626,20 +1640,41 @@ fn store_grant<S: StateRead + ?Sized>(
         state,
         keys::GRANT_EXPIRY_PREFIX,
         keys::grant_expiry(grant.expires_ms, &grant.id),
+        grant.delegation_id.as_bytes().to_vec(),
     )
 }
 
+/// Ends a live grant. Its record stays, saying how it ended, until its lifetime is over; the
+/// expiry due then removes it ([`collect_grant`]).
 fn end<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     id: &str,
     status: pb::GrantStatus,
     at_ms: u64,
 ) -> Result<(), StorageFault> {
-    let grant: pb::Grant = update(state, keys::grant(id), |g: &mut pb::Grant| {
+    update(state, keys::grant(id), |g: &mut pb::Grant| {
         g.status = status as i32;
         g.ended_ms = at_ms;
     })?;
-    state.delete(keys::grant_expiry(grant.expires_ms, id));
+    Ok(())
+}
+
+/// Removes a grant whose lifetime is over, however it ended: its record and its entry in its
+/// delegation's index. The grant's expiry entry names the delegation; an entry written before
+/// entries did holds nothing, and the record names it instead.
+fn collect_grant<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    entry: &Due,
+) -> Result<(), StorageFault> {
+    let delegation = if entry.value.is_empty() {
+        grant_record(state, &entry.id)?.map(|g| g.delegation_id)
+    } else {
+        Some(String::from_utf8_lossy(&entry.value).into_owned())
+    };
+    if let Some(delegation) = delegation {
+        state.delete(keys::grant_by_delegation(&delegation, &entry.id));
+    }
+    state.delete(keys::grant(&entry.id));
     Ok(())
 }
 
@@ -1661,11 +1696,11 @@ fn purge_due<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     prefix: &[u8],
     time_ms: u64,
-) -> Result<Vec<String>, StorageFault> {
+) -> Result<Vec<Due>, StorageFault> {
     let due = due(state, prefix, time_ms)?;
     let floor = match due.last() {
-        Some((last, _)) if due.len() >= EXPIRE_BATCH_MAX => {
-            let mut next = last.clone();
+        Some(last) if due.len() >= EXPIRE_BATCH_MAX => {
+            let mut next = last.key.clone();
             next.push(0);
             Some(next)
         }
@@ -1676,10 +1711,10 @@ fn purge_due<S: StateRead + ?Sized>(
             state.put(keys::expiry_floor(prefix), floor);
         }
     }
-    for (key, _) in &due {
-        state.delete(key.clone());
+    for entry in &due {
+        state.delete(entry.key.clone());
     }
-    Ok(due.into_iter().map(|(_, id)| id).collect())
+    Ok(due)
 }
 
 /// Folds one delegation/authorization event into the state; `false` when the event is not one
@@ -1774,6 +1809,7 @@ pub fn materialize<S: StateRead + ?Sized>(
                 state,
                 keys::JTI_EXPIRY_PREFIX,
                 keys::jti_expiry(e.assertion_expires_ms, &e.agent, &e.assertion_jti),
+                vec![],
             )?;
             if let Some(grant) = &e.grant {
                 store_grant(state, grant)?;
@@ -1789,6 +1825,7 @@ pub fn materialize<S: StateRead + ?Sized>(
                     state,
                     keys::APPROVAL_EXPIRY_PREFIX,
                     keys::approval_expiry(a.expires_ms, &a.id),
+                    vec![],
                 )?;
             }
             use_delegations(state, &e.used_delegation_ids)?;
@@ -1828,19 +1865,15 @@ pub fn materialize<S: StateRead + ?Sized>(
             end(state, &e.grant_id, status, e.ended_ms)?;
         }
         EventKind::Expired(e) => {
-            for id in &e.grant_ids {
-                update(state, keys::grant(id), |g: &mut pb::Grant| {
-                    g.status = pb::GrantStatus::Expired as i32;
-                    g.ended_ms = e.expired_ms;
-                })?;
-            }
             for id in &e.approval_ids {
                 update(state, keys::approval(id), |a: &mut pb::Approval| {
                     a.status = pb::ApprovalStatus::Expired as i32;
                     a.decided_ms = e.expired_ms;
                 })?;
             }
-            purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)?;
+            for entry in purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)? {
+                collect_grant(state, &entry)?;
+            }
             purge_due(state, keys::APPROVAL_EXPIRY_PREFIX, e.expired_ms)?;
             for entry in purge_due(
                 state,
@@ -1848,7 +1881,7 @@ pub fn materialize<S: StateRead + ?Sized>(
                 e.replay_cache_purged_upto_ms,
             )? {
                 let mut key = keys::JTI_PREFIX.to_vec();
-                key.extend_from_slice(entry.as_bytes());
+                key.extend_from_slice(entry.id.as_bytes());
                 state.delete(key);
             }
         }
@@ -1861,6 +1894,7 @@ pub fn materialize<S: StateRead + ?Sized>(
                 state,
                 keys::JTI_EXPIRY_PREFIX,
                 keys::jti_expiry(e.expires_ms, &e.agent, &e.jti),
+                vec![],
             )?;
         }
         EventKind::SecretWritten(e) => {

@@ -229,3 +229,79 @@ fn a_full_expiry_batch_leaves_the_rest_for_the_next_one() {
         0
     );
 }
+
+impl World {
+    fn grant(&self, id: &str) -> Option<pb::Grant> {
+        authz::grant_record(&self.state, id).expect("the state reads")
+    }
+
+    fn indexed_under_delegation(&self, id: &str) -> bool {
+        StateRead::get(&self.state, &keys::grant_by_delegation("dlg_sub", id))
+            .expect("the state reads")
+            .is_some()
+    }
+}
+
+#[test]
+fn an_expired_grant_leaves_no_record_and_no_index_entry_behind() {
+    let mut world = World::new();
+    world.authorize(1_000, 1_000, 2_000);
+    let id = format!("grt_{}", world.index - 1);
+    assert!(world.grant(&id).is_some());
+    assert!(world.indexed_under_delegation(&id));
+
+    let expired = world.expire(2_000).expect("the grant is due at 2,000");
+    assert_eq!(expired.grant_ids, vec![id.clone()]);
+    assert!(world.grant(&id).is_none(), "the record is collected");
+    assert!(!world.indexed_under_delegation(&id));
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
+}
+
+#[test]
+fn a_consumed_grant_says_so_until_its_lifetime_is_over_and_is_then_collected() {
+    let mut world = World::new();
+    world.authorize(1_000, 5_000, 2_000);
+    let id = format!("grt_{}", world.index - 1);
+    world.apply_at(
+        1_500,
+        as_operator(Kind::ConsumeGrant(pb::ConsumeGrant {
+            grant_id: id.clone(),
+            ..Default::default()
+        })),
+    );
+    assert_eq!(
+        world.grant(&id).map(|g| g.status),
+        Some(pb::GrantStatus::Consumed as i32)
+    );
+    world
+        .expire(3_000)
+        .expect("the assertion's replay-cache entry is due");
+    assert_eq!(
+        world.grant(&id).map(|g| g.status),
+        Some(pb::GrantStatus::Consumed as i32),
+        "a used-up grant stays readable while its lifetime runs"
+    );
+
+    let expired = world.expire(6_000).expect("the grant is due at 6,000");
+    assert!(
+        expired.grant_ids.is_empty(),
+        "a grant that ended before is not reported as expired"
+    );
+    assert!(world.grant(&id).is_none());
+    assert!(!world.indexed_under_delegation(&id));
+}
+
+#[test]
+fn a_grant_expiry_entry_holding_no_delegation_is_collected_through_the_record() {
+    let mut world = World::new();
+    world.authorize(1_000, 1_000, 2_000);
+    let id = format!("grt_{}", world.index - 1);
+    // Expiry entries written before they named the grant's delegation hold nothing.
+    world
+        .state
+        .insert(keys::grant_expiry(2_000, &id), Vec::new());
+
+    world.expire(2_000).expect("the grant is due at 2,000");
+    assert!(world.grant(&id).is_none());
+    assert!(!world.indexed_under_delegation(&id));
+}

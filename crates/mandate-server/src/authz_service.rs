@@ -200,7 +200,15 @@ impl AuthzService {
         if status == pb::ApprovalStatus::Approved {
             let grant = authz::grant_record(&self.node.view, &approval.grant_id)
                 .map_err(fault)?
-                .ok_or_else(|| Status::internal("an approved approval names a missing grant"))?;
+                .ok_or_else(|| {
+                    domain(DomainError::precondition(
+                        "approval_id",
+                        format!(
+                            "the grant approval {} issued, {}, has expired",
+                            approval.id, approval.grant_id
+                        ),
+                    ))
+                })?;
             response.token = self.sign(&grant)?;
             response.grant = Some(grant);
         }

@@ -530,10 +530,3 @@ pub fn introspection(cluster_id: &str, grant: &pb::Grant, now_ms: u64) -> Value 
 pub fn grant_active(grant: &pb::Grant, now_ms: u64) -> bool {
     grant.status == pb::GrantStatus::Active as i32 && now_ms < grant.expires_ms
 }
-
-/// Used by callers that must know the grant a token names exists.
-pub fn grant_of(state: &(impl StateRead + ?Sized), id: &str) -> Result<pb::Grant, DomainError> {
-    authz::grant_record(state, id)
-        .map_err(state_fault)?
-        .ok_or_else(|| DomainError::not_found("token", format!("no grant {id}")))
-}
