@@ -345,6 +345,7 @@ fn bootstrap() -> Vec<u8> {
             root_token_id: ROOT_TOKEN_ID.into(),
             root_secret_sha256: vec![0; 32],
             signing_key: None,
+            apply_version: mandate_core::version::APPLY_VERSION_MAX,
         })),
         ..Default::default()
     };

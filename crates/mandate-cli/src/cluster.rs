@@ -177,25 +177,26 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), Failure> {
                         "applied_index": m.applied_index,
                         "snapshot_index": m.snapshot_index,
                         "purged_index": m.purged_index,
+                        "apply_version_max": m.apply_version_max,
                     })
                 })
                 .collect();
             if as_json {
                 print(
-                    &json!({ "cluster_id": r.cluster_id, "leader": r.leader, "term": r.term, "served_by": r.served_by, "members": members }),
+                    &json!({ "cluster_id": r.cluster_id, "leader": r.leader, "term": r.term, "served_by": r.served_by, "apply_version": r.apply_version, "members": members }),
                     true,
                 );
             } else {
                 println!(
-                    "cluster {}  leader {}  term {}",
-                    r.cluster_id, r.leader, r.term
+                    "cluster {}  leader {}  term {}  apply version {}",
+                    r.cluster_id, r.leader, r.term, r.apply_version
                 );
                 println!(
-                    "ID\tROLE\tTERM\tLAST_LOG\tAPPLIED\tSNAPSHOT\tPURGED\tCLIENT_ADDR\tPEER_ADDR"
+                    "ID\tROLE\tTERM\tLAST_LOG\tAPPLIED\tSNAPSHOT\tPURGED\tAPPLIES\tCLIENT_ADDR\tPEER_ADDR"
                 );
                 for m in &r.members {
                     println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         m.id,
                         m.role,
                         m.term,
@@ -203,6 +204,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), Failure> {
                         m.applied_index,
                         m.snapshot_index,
                         m.purged_index,
+                        m.apply_version_max,
                         m.client_addr,
                         m.peer_addr
                     );

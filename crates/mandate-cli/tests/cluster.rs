@@ -161,6 +161,15 @@ fn a_learner_added_after_a_snapshot_receives_it_and_converges() {
         member(&s, leader)["purged_index"].as_u64() > Some(0),
         "the leader purged no log: {s}"
     );
+    let newest = u64::from(mandate_core::version::APPLY_VERSION_MAX);
+    assert_eq!(s["apply_version"].as_u64(), Some(newest), "{s}");
+    for id in [1, 2, 3, 4] {
+        assert_eq!(
+            member(&s, id)["apply_version_max"].as_u64(),
+            Some(newest),
+            "{s}"
+        );
+    }
     assert!(
         member(&s, 4)["snapshot_index"].as_u64() > Some(0),
         "the status shows no snapshot on the learner: {s}"

@@ -17,7 +17,7 @@ use crate::pb::event::Kind as EventKind;
 use crate::policy::Engine;
 use crate::principal::AgentId;
 use crate::state::{Overlay, StateExt, StateRead};
-use crate::{keys, limits, pb, validate};
+use crate::{keys, limits, pb, validate, version};
 
 type Decision = Result<Vec<EventKind>, DomainError>;
 
@@ -29,6 +29,8 @@ pub fn apply_batch<S: StateRead + ?Sized>(
     batch: &pb::CommandBatch,
     log_index: u64,
 ) -> Result<Vec<pb::CommandResult>, StorageFault> {
+    // A node too old for the rules the cluster applies by stops here, before it writes anything.
+    version::check_supported(version::current(state)?)?;
     // Audit records are numbered within the entry; most commands write exactly one.
     let mut record_sequence: u32 = 0;
     let mut results = Vec::with_capacity(batch.commands.len());
@@ -244,6 +246,7 @@ fn decide_for(
         CommandKind::ConsumeGrant(c) => return authz::consume_grant(state, c, time_ms),
         CommandKind::EndGrant(c) => return authz::end_grant(state, &principal, c, time_ms),
         CommandKind::ExpireGrants(_) => return authz::expire(state, time_ms),
+        CommandKind::RaiseApplyVersion(c) => return version::raise(state, c),
         CommandKind::CompactAudit(_)
         | CommandKind::RecordRefusals(_)
         | CommandKind::AuditCheckpoint(_) => {
@@ -311,10 +314,13 @@ fn bootstrap(
             "needs a cluster id, a root token id and a 32-byte secret hash",
         )));
     }
+    let apply_version = version::effective(c.apply_version);
+    version::check_supported(apply_version)?;
     let cluster = pb::ClusterInfo {
         cluster_id: c.cluster_id.clone(),
         bootstrapped_ms: time_ms,
         root_token_id: c.root_token_id.clone(),
+        apply_version,
     };
     let root_token = pb::OperatorToken {
         id: c.root_token_id.clone(),
@@ -624,6 +630,13 @@ pub fn materialize<S: StateRead + ?Sized>(
             let token = required(&e.root_token, "ClusterBootstrapped.root_token")?;
             state.put_message(keys::CLUSTER.to_vec(), cluster);
             state.put_message(keys::token(&token.id), token);
+        }
+        EventKind::ApplyVersionRaised(e) => {
+            let mut cluster = state.cluster()?.ok_or_else(|| {
+                StorageFault("the apply version is raised before bootstrap".into())
+            })?;
+            cluster.apply_version = e.to;
+            state.put_message(keys::CLUSTER.to_vec(), &cluster);
         }
         EventKind::OperatorTokenCreated(e) => {
             let token = required(&e.token, "OperatorTokenCreated.token")?;

@@ -42,6 +42,7 @@ pub fn type_name(kind: Option<&CommandKind>) -> &'static str {
             CommandKind::CompactAudit(_) => "compact_audit",
             CommandKind::RecordRefusals(_) => "record_refusals",
             CommandKind::AuditCheckpoint(_) => "audit_checkpoint",
+            CommandKind::RaiseApplyVersion(_) => "raise_apply_version",
         },
     }
 }
@@ -90,6 +91,7 @@ fn actor(command: &pb::Command) -> (&'static str, String) {
                 | CommandKind::CompactAudit(_)
                 | CommandKind::RecordRefusals(_)
                 | CommandKind::AuditCheckpoint(_)
+                | CommandKind::RaiseApplyVersion(_)
         )
     ) {
         return ("system", String::new());
@@ -166,6 +168,7 @@ fn from_command(record: &mut pb::AuditRecord, command: &pb::Command) {
             record.target = format!("{}.{}", c.log_index, c.sequence);
             record.checkpoint = c.jws.clone();
         }
+        Some(CommandKind::RaiseApplyVersion(c)) => record.target = c.version.to_string(),
         Some(CommandKind::ExpireGrants(_) | CommandKind::RecordRefusals(_)) | None => {}
     }
 }

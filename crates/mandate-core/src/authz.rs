@@ -10,7 +10,7 @@ use crate::error::{DomainError, StorageFault};
 use crate::pb::event::Kind as EventKind;
 use crate::policy::{self, DecisionContext, Engine, Subject};
 use crate::state::{decode, prefix_end, Overlay, StateExt, StateRead};
-use crate::{keys, pb, validate, AgentId, UserId};
+use crate::{keys, pb, validate, version, AgentId, UserId};
 
 /// Longest delegation lifetime.
 pub const DELEGATION_TTL_MS_MAX: u64 = 90 * 24 * 3600 * 1000;
@@ -1334,9 +1334,19 @@ pub fn decide_approval(
 
 // ---------------------------------------------------------------- grants
 
-/// Why a grant id names no record: grants are removed once their lifetime is over.
-fn no_grant(id: &str) -> String {
-    format!("no grant {id}: it has expired and been removed, or never existed")
+/// Why a grant id names no record: grants are removed once their lifetime is over (from
+/// [`version::APPLY_VERSION_GRANTS_REMOVED`]; before it a missing grant never existed).
+fn no_grant(state: &(impl StateRead + ?Sized), id: &str) -> Result<String, StorageFault> {
+    Ok(if grants_removed(state)? {
+        format!("no grant {id}: it has expired and been removed, or never existed")
+    } else {
+        format!("no grant {id}")
+    })
+}
+
+/// Whether the cluster applies by the rules that remove grants at the end of their lifetime.
+fn grants_removed(state: &(impl StateRead + ?Sized)) -> Result<bool, StorageFault> {
+    Ok(version::current(state)? >= version::APPLY_VERSION_GRANTS_REMOVED)
 }
 
 pub fn consume_grant(
@@ -1345,7 +1355,10 @@ pub fn consume_grant(
     time_ms: u64,
 ) -> Result<Decided, StorageFault> {
     let Some(grant) = grant_record(state, &c.grant_id)? else {
-        return refuse(DomainError::not_found("token", no_grant(&c.grant_id)));
+        return refuse(DomainError::not_found(
+            "token",
+            no_grant(state, &c.grant_id)?,
+        ));
     };
     if grant.status != pb::GrantStatus::Active as i32 {
         let status = pb::GrantStatus::try_from(grant.status).map_or("inactive", |s| match s {
@@ -1391,7 +1404,10 @@ pub fn end_grant(
     time_ms: u64,
 ) -> Result<Decided, StorageFault> {
     let Some(grant) = grant_record(state, &c.grant_id)? else {
-        return refuse(DomainError::not_found("grant_id", no_grant(&c.grant_id)));
+        return refuse(DomainError::not_found(
+            "grant_id",
+            no_grant(state, &c.grant_id)?,
+        ));
     };
     let status = match pb::GrantEnd::try_from(c.how) {
         Ok(pb::GrantEnd::Complete) => pb::GrantStatus::Completed,
@@ -1636,26 +1652,37 @@ fn store_grant<S: StateRead + ?Sized>(
         keys::grant_by_delegation(&grant.delegation_id, &grant.id),
         vec![],
     );
+    // The entry names the delegation so that the grant's removal needs no read; before grants
+    // were removed it held nothing.
+    let delegation = if grants_removed(state)? {
+        grant.delegation_id.as_bytes().to_vec()
+    } else {
+        vec![]
+    };
     index_expiry(
         state,
         keys::GRANT_EXPIRY_PREFIX,
         keys::grant_expiry(grant.expires_ms, &grant.id),
-        grant.delegation_id.as_bytes().to_vec(),
+        delegation,
     )
 }
 
 /// Ends a live grant. Its record stays, saying how it ended, until its lifetime is over; the
-/// expiry due then removes it ([`collect_grant`]).
+/// expiry due then removes it ([`collect_grant`]). Before grants were removed, ending one took
+/// it out of the expiry index instead, and its record stayed for ever.
 fn end<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     id: &str,
     status: pb::GrantStatus,
     at_ms: u64,
 ) -> Result<(), StorageFault> {
-    update(state, keys::grant(id), |g: &mut pb::Grant| {
+    let grant: pb::Grant = update(state, keys::grant(id), |g: &mut pb::Grant| {
         g.status = status as i32;
         g.ended_ms = at_ms;
     })?;
+    if !grants_removed(state)? {
+        state.delete(keys::grant_expiry(grant.expires_ms, id));
+    }
     Ok(())
 }
 
@@ -1871,8 +1898,18 @@ pub fn materialize<S: StateRead + ?Sized>(
                     a.decided_ms = e.expired_ms;
                 })?;
             }
-            for entry in purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)? {
-                collect_grant(state, &entry)?;
+            if grants_removed(state)? {
+                for entry in purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)? {
+                    collect_grant(state, &entry)?;
+                }
+            } else {
+                for id in &e.grant_ids {
+                    update(state, keys::grant(id), |g: &mut pb::Grant| {
+                        g.status = pb::GrantStatus::Expired as i32;
+                        g.ended_ms = e.expired_ms;
+                    })?;
+                }
+                purge_due(state, keys::GRANT_EXPIRY_PREFIX, e.expired_ms)?;
             }
             purge_due(state, keys::APPROVAL_EXPIRY_PREFIX, e.expired_ms)?;
             for entry in purge_due(

@@ -113,6 +113,7 @@ pub fn decision_world() -> Result<(State, Engine, pb::Agent), String> {
                     sealed_private: vec![1],
                     ..Default::default()
                 }),
+                apply_version: crate::version::APPLY_VERSION_MAX,
             })),
             ..Default::default()
         },

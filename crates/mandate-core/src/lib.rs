@@ -20,6 +20,7 @@ pub mod principal;
 pub mod state;
 pub mod token;
 pub mod validate;
+pub mod version;
 
 pub use error::{DomainError, StorageFault};
 pub use mandate_proto::v1 as pb;

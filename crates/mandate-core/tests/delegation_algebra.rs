@@ -175,6 +175,7 @@ fn world(agents: usize) -> (State, Engine, u64) {
             sealed_private: vec![1],
             ..Default::default()
         }),
+        apply_version: mandate_core::version::APPLY_VERSION_MAX,
     }));
     assert!(ok(&apply(&mut state, &mut engine, 1, boot)));
     let mut index = 2;

@@ -8,8 +8,10 @@ use mandate_core::authz::{self, EXPIRE_BATCH_MAX};
 use mandate_core::fixture::{self, as_operator, decision_world, State};
 use mandate_core::pb::{self, command::Kind, event::Kind as EventKind};
 use mandate_core::policy::Engine;
-use mandate_core::state::{KeyValue, StateRead};
+use mandate_core::state::{KeyValue, StateExt, StateRead};
+use mandate_core::version::{self, APPLY_VERSION_FIRST, APPLY_VERSION_MAX};
 use mandate_core::{keys, StorageFault};
+use prost::Message;
 
 const WORKER: &str = "agt_00000000000000000000000000000001";
 /// The fixture's own re-delegation used an assertion good until 60,000: its replay-cache entry
@@ -304,4 +306,156 @@ fn a_grant_expiry_entry_holding_no_delegation_is_collected_through_the_record() 
     world.expire(2_000).expect("the grant is due at 2,000");
     assert!(world.grant(&id).is_none());
     assert!(!world.indexed_under_delegation(&id));
+}
+
+// ------------------------------------------------------------ apply versions
+
+impl World {
+    /// The world as a cluster bootstrapped before apply versions sees it: at the first.
+    fn at_the_first_apply_version() -> World {
+        let mut world = World::new();
+        let mut cluster = world
+            .state
+            .cluster()
+            .expect("the state reads")
+            .expect("the fixture is bootstrapped");
+        cluster.apply_version = 0;
+        world
+            .state
+            .insert(keys::CLUSTER.to_vec(), cluster.encode_to_vec());
+        assert_eq!(version::current(&world.state), Ok(APPLY_VERSION_FIRST));
+        world
+    }
+
+    fn try_apply_at(&mut self, time_ms: u64, command: pb::Command) -> Result<(), String> {
+        self.index += 1;
+        fixture::apply_at(
+            &mut self.state,
+            &mut self.engine,
+            self.index,
+            time_ms,
+            command,
+        )
+        .map(|_| ())
+    }
+
+    fn raise(&mut self, time_ms: u64, version: u32) -> Result<(), String> {
+        self.try_apply_at(
+            time_ms,
+            pb::Command {
+                kind: Some(Kind::RaiseApplyVersion(pb::RaiseApplyVersion { version })),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn consume(&mut self, time_ms: u64, id: &str) -> Result<(), String> {
+        self.try_apply_at(
+            time_ms,
+            as_operator(Kind::ConsumeGrant(pb::ConsumeGrant {
+                grant_id: id.into(),
+                ..Default::default()
+            })),
+        )
+    }
+
+    fn status(&self, id: &str) -> Option<pb::GrantStatus> {
+        self.grant(id)
+            .map(|g| pb::GrantStatus::try_from(g.status).expect("a known status"))
+    }
+}
+
+#[test]
+fn at_the_first_apply_version_ended_grants_stay_and_expired_ones_are_marked() {
+    let mut world = World::at_the_first_apply_version();
+    world.authorize(1_000, 5_000, 2_000);
+    let consumed = format!("grt_{}", world.index - 1);
+    world.authorize(1_000, 1_000, 2_000);
+    let lapsed = format!("grt_{}", world.index - 1);
+    world.consume(1_500, &consumed).expect("consumed");
+    assert_eq!(
+        world.count(keys::GRANT_EXPIRY_PREFIX),
+        1,
+        "ending a grant took it out of the expiry index"
+    );
+
+    let expired = world.expire(6_000).expect("the other grant is due");
+    assert_eq!(expired.grant_ids, vec![lapsed.clone()]);
+    assert_eq!(world.status(&lapsed), Some(pb::GrantStatus::Expired));
+    assert_eq!(world.status(&consumed), Some(pb::GrantStatus::Consumed));
+    assert!(world.indexed_under_delegation(&consumed));
+    assert_eq!(world.count(keys::GRANT_EXPIRY_PREFIX), 0);
+}
+
+#[test]
+fn raising_the_apply_version_removes_the_grants_that_end_after_it() {
+    let mut world = World::at_the_first_apply_version();
+    world.authorize(1_000, 5_000, 2_000);
+    let before = format!("grt_{}", world.index - 1);
+    world.authorize(1_000, 5_000, 2_000);
+    let after = format!("grt_{}", world.index - 1);
+    world.consume(1_500, &before).expect("consumed");
+
+    world.raise(1_600, APPLY_VERSION_MAX).expect("raised");
+    assert_eq!(version::current(&world.state), Ok(APPLY_VERSION_MAX));
+    world.consume(1_700, &after).expect("consumed");
+
+    world.expire(6_000).expect("the second grant is due");
+    assert!(world.grant(&after).is_none(), "ended after the raise");
+    assert!(!world.indexed_under_delegation(&after));
+    assert_eq!(
+        world.status(&before),
+        Some(pb::GrantStatus::Consumed),
+        "ended before the raise, it left the expiry index and stays"
+    );
+}
+
+#[test]
+fn a_missing_grant_is_said_to_be_removed_only_where_grants_are_removed() {
+    let mut first = World::at_the_first_apply_version();
+    let refused = first.consume(1_000, "grt_gone").expect_err("no such grant");
+    assert_eq!(refused, "token: no grant grt_gone");
+    let mut newest = World::new();
+    let refused = newest
+        .consume(1_000, "grt_gone")
+        .expect_err("no such grant");
+    assert!(
+        refused.contains("has expired and been removed"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn raising_the_apply_version_to_one_already_applied_is_refused() {
+    let mut world = World::new();
+    let refused = world
+        .raise(1_000, APPLY_VERSION_MAX)
+        .expect_err("already there");
+    assert!(
+        refused.starts_with("version: the cluster already applies version"),
+        "{refused}"
+    );
+    assert_eq!(version::current(&world.state), Ok(APPLY_VERSION_MAX));
+}
+
+#[test]
+fn a_version_this_binary_does_not_apply_stops_apply_before_it_writes() {
+    let mut world = World::at_the_first_apply_version();
+    let before = world.state.clone();
+    let fault = world
+        .raise(1_000, APPLY_VERSION_MAX + 1)
+        .expect_err("too new");
+    assert!(fault.contains("upgrade this node's binary"), "{fault}");
+    assert_eq!(world.state, before);
+
+    // A state installed from a newer leader: the next entry stops too, whatever it holds.
+    let mut cluster = world.state.cluster().expect("reads").expect("bootstrapped");
+    cluster.apply_version = APPLY_VERSION_MAX + 1;
+    world
+        .state
+        .insert(keys::CLUSTER.to_vec(), cluster.encode_to_vec());
+    let fault = world
+        .try_apply_at(1_000, as_operator(Kind::ExpireGrants(pb::ExpireGrants {})))
+        .expect_err("too new");
+    assert!(fault.contains("upgrade this node's binary"), "{fault}");
 }

@@ -10,7 +10,7 @@ use mandate_core::apply::{apply_batch, replay_event};
 use mandate_core::pb::{self, command::Kind};
 use mandate_core::policy::Engine as PolicyEngine;
 use mandate_core::state::{decode, Overlay};
-use mandate_core::{audit, keys};
+use mandate_core::{audit, keys, version};
 use proptest::prelude::*;
 
 type State = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -92,6 +92,9 @@ enum Op {
         approve: bool,
     },
     Expire,
+    RaiseApplyVersion {
+        version: u32,
+    },
 }
 
 const ACTIONS: [&str; 3] = ["read", "write", "delete"];
@@ -154,6 +157,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..120u8).prop_map(|grant| Op::Consume { grant }),
         (0..120u8, any::<bool>()).prop_map(|(approval, approve)| Op::Decide { approval, approve }),
         Just(Op::Expire),
+        (version::APPLY_VERSION_FIRST..=version::APPLY_VERSION_MAX)
+            .prop_map(|version| Op::RaiseApplyVersion { version }),
     ]
 }
 
@@ -247,6 +252,9 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
             })
         }
         Op::Expire => Kind::ExpireGrants(pb::ExpireGrants {}),
+        Op::RaiseApplyVersion { version } => {
+            Kind::RaiseApplyVersion(pb::RaiseApplyVersion { version })
+        }
         Op::Register {
             id,
             name,
@@ -300,8 +308,10 @@ fn command(op: &Op, actor: &str, time_ms: u64, n: usize) -> pb::Command {
     };
     let operator = if principal_user.is_empty()
         && principal_agent.is_empty()
-        && !matches!(op, Op::Consume { .. } | Op::Expire)
-    {
+        && !matches!(
+            op,
+            Op::Consume { .. } | Op::Expire | Op::RaiseApplyVersion { .. }
+        ) {
         actor.to_owned()
     } else {
         String::new()
@@ -335,6 +345,8 @@ fn bootstrap() -> pb::CommandBatch {
                 root_token_id: ROOT.into(),
                 root_secret_sha256: vec![0; 32],
                 signing_key: Some(pb::SigningKey { kid: "sk".into(), x: key(1).x, sealed_private: vec![1], ..Default::default() }),
+                // The log starts at the first apply version, so the ops raise it part way.
+                apply_version: version::APPLY_VERSION_FIRST,
             })),
             ..Default::default()
         }, pb::Command {

@@ -215,8 +215,8 @@ mod tests {
 
     use mandate_proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
     use mandate_proto::v1::{
-        ForwardBatchResponse, MembershipChange, MembershipChangeResponse, RaftPayload,
-        ReadIndexRequest, ReadIndexResponse,
+        ApplyVersionRequest, ApplyVersionResponse, ForwardBatchResponse, MembershipChange,
+        MembershipChangeResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
     };
     use tokio::sync::watch;
     use tonic::transport::server::TcpIncoming;
@@ -305,6 +305,12 @@ mod tests {
             &self,
             _: Request<MembershipChange>,
         ) -> Result<Response<MembershipChangeResponse>, Status> {
+            not_here()
+        }
+        async fn apply_version(
+            &self,
+            _: Request<ApplyVersionRequest>,
+        ) -> Result<Response<ApplyVersionResponse>, Status> {
             not_here()
         }
     }

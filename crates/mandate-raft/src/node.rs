@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mandate_core::pb;
-use mandate_proto::v1::{membership_change::Change, MembershipChange, ReadIndexRequest};
+use mandate_core::state::StateExt;
+use mandate_core::version::{self, APPLY_VERSION_FIRST, APPLY_VERSION_MAX};
+use mandate_proto::v1::{
+    membership_change::Change, ApplyVersionRequest, MembershipChange, ReadIndexRequest,
+};
 use mandate_store::{Member, NodeId, StateView};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ServerState};
@@ -24,6 +28,8 @@ pub const LEADER_WAIT_MS: u64 = 5_000;
 pub const APPLY_WAIT_MS: u64 = 5_000;
 /// How many times a write follows a leader change before giving up.
 pub const WRITE_ROUTE_ATTEMPTS_MAX: usize = 8;
+/// How long the leader waits for a member to say which apply version it applies.
+pub const APPLY_VERSION_ASK_TIMEOUT_MS: u64 = 2_000;
 
 /// What a read needs from the node before it may look at local state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,6 +396,68 @@ impl Node {
         }
     }
 
+    /// The newest apply version each member applies, this node's first, asked of the others
+    /// over the peer API. A member from before apply versions answers `Unimplemented`: it
+    /// applies the first. A member that does not answer leaves the question open, and the error
+    /// names it.
+    pub async fn members_apply_versions(&self) -> Result<Vec<u32>, NodeError> {
+        let membership = self.metrics().membership_config.membership().clone();
+        let mut versions = vec![APPLY_VERSION_MAX];
+        for (id, member) in membership.nodes().filter(|(id, _)| **id != self.id) {
+            let unanswered = |why: String| {
+                NodeError::Unavailable(format!(
+                    "node {id} at {} did not say which apply version it applies: {why}",
+                    member.peer_addr
+                ))
+            };
+            let mut client = self
+                .peers
+                .client(&member.peer_addr)
+                .map_err(|e| unanswered(e.to_string()))?;
+            let asked = tokio::time::timeout(
+                Duration::from_millis(APPLY_VERSION_ASK_TIMEOUT_MS),
+                client.apply_version(ApplyVersionRequest {}),
+            )
+            .await
+            .map_err(|_| unanswered(format!("no answer in {APPLY_VERSION_ASK_TIMEOUT_MS} ms")))?;
+            versions.push(match asked {
+                Ok(answer) => answer.into_inner().apply_version_max,
+                Err(status) if status.code() == tonic::Code::Unimplemented => APPLY_VERSION_FIRST,
+                Err(status) => return Err(unanswered(status.message().to_owned())),
+            });
+        }
+        Ok(versions)
+    }
+
+    /// Raises the cluster's apply version as far as every member applies, through the leader,
+    /// and returns the version it raised to (`None`: nothing to raise, or no cluster yet).
+    pub async fn raise_apply_version(&self) -> Result<Option<u32>, NodeError> {
+        let state = |e: mandate_core::StorageFault| NodeError::Unavailable(e.to_string());
+        let bootstrapped = self.view.cluster().map_err(state)?.is_some();
+        let current = version::current(&self.view).map_err(state)?;
+        if !bootstrapped || current >= APPLY_VERSION_MAX {
+            return Ok(None);
+        }
+        let Some(to) = version::raise_to(current, self.members_apply_versions().await?) else {
+            return Ok(None);
+        };
+        let command = pb::Command {
+            kind: Some(pb::command::Kind::RaiseApplyVersion(
+                pb::RaiseApplyVersion { version: to },
+            )),
+            serving_node: self.id,
+            ..Default::default()
+        };
+        match self.write(command).await?.outcome {
+            Some(pb::command_result::Outcome::Applied(_)) => Ok(Some(to)),
+            // Refused only when it is already as high: raised meanwhile on another leader's turn.
+            Some(pb::command_result::Outcome::Error(_)) => Ok(None),
+            None => Err(NodeError::Unavailable(
+                "raising the apply version returned no outcome".into(),
+            )),
+        }
+    }
+
     /// Is this node a voter, learner, leader...: its role for status output.
     pub fn role(&self) -> &'static str {
         role_name(self.metrics().state)
@@ -413,4 +481,111 @@ pub enum Routed {
     /// The target was not the leader; nothing happened and the caller may try the new leader.
     NotLeader,
     Failed(NodeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use mandate_proto::v1::Member as MemberMsg;
+    use tonic::service::Routes;
+    use tonic::transport::server::TcpIncoming;
+
+    use super::*;
+    use crate::RaftTiming;
+
+    /// A one-node cluster bootstrapped at the first apply version, as a cluster from before
+    /// versions is.
+    async fn cluster_at_the_first_version() -> (tempfile::TempDir, Arc<Node>) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let member = Member {
+            peer_addr: "127.0.0.1:1".into(),
+            client_addr: "127.0.0.1:2".into(),
+        };
+        let node = Node::start(1, member.clone(), dir.path(), &RaftTiming::default(), None)
+            .await
+            .expect("node starts");
+        node.initialize(BTreeMap::from([(1, member)]))
+            .await
+            .expect("initialized");
+        let bootstrap = pb::Command {
+            kind: Some(pb::command::Kind::BootstrapCluster(pb::BootstrapCluster {
+                cluster_id: "mc_versions".into(),
+                root_token_id: "tok_root".into(),
+                root_secret_sha256: vec![0; 32],
+                signing_key: None,
+                apply_version: 0,
+            })),
+            ..Default::default()
+        };
+        let applied = node.write(bootstrap).await.expect("bootstrapped");
+        assert!(matches!(
+            applied.outcome,
+            Some(pb::command_result::Outcome::Applied(_))
+        ));
+        assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_FIRST));
+        (dir, node)
+    }
+
+    async fn add_learner(node: &Node, peer_addr: &str) {
+        node.change_membership(MembershipChange {
+            change: Some(Change::AddLearner(MemberMsg {
+                id: 2,
+                peer_addr: peer_addr.into(),
+                client_addr: "127.0.0.1:3".into(),
+            })),
+        })
+        .await
+        .expect("learner added");
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_members_all_apply_the_newest_version_raises_the_cluster_to_it() {
+        let (_dir, node) = cluster_at_the_first_version().await;
+        let raised = node
+            .raise_apply_version()
+            .await
+            .expect("every member answered");
+        assert_eq!(raised, Some(APPLY_VERSION_MAX));
+        assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_MAX));
+        let again = node.raise_apply_version().await.expect("nothing to ask");
+        assert_eq!(again, None, "raised past the newest version");
+    }
+
+    #[tokio::test]
+    async fn a_member_from_before_apply_versions_keeps_the_cluster_at_the_first() {
+        let (_dir, node) = cluster_at_the_first_version().await;
+        // A peer listener that knows no apply-version call answers Unimplemented, as a node of
+        // an earlier release does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(Routes::default())
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        add_learner(&node, &addr).await;
+        let versions = node.members_apply_versions().await.expect("answered");
+        assert_eq!(versions, vec![APPLY_VERSION_MAX, APPLY_VERSION_FIRST]);
+        let raised = node.raise_apply_version().await.expect("answered");
+        assert_eq!(raised, None, "raised past what node 2 applies");
+        assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_FIRST));
+    }
+
+    #[tokio::test]
+    async fn a_member_that_does_not_answer_is_named_and_the_version_stays() {
+        let (_dir, node) = cluster_at_the_first_version().await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        drop(listener);
+        add_learner(&node, &addr).await;
+        let Err(NodeError::Unavailable(why)) = node.raise_apply_version().await else {
+            panic!("raised without hearing from node 2");
+        };
+        assert!(
+            why.contains(&format!("node 2 at {addr}")),
+            "the error does not name the member: {why}"
+        );
+        assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_FIRST));
+    }
 }

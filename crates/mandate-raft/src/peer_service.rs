@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mandate_core::pb;
+use mandate_core::version::APPLY_VERSION_MAX;
 use mandate_proto::v1::raft_peer_server::RaftPeer;
 use mandate_proto::v1::{
-    ForwardBatchRequest, ForwardBatchResponse, ForwardRequest, ForwardResponse, MembershipChange,
-    MembershipChangeResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+    ApplyVersionRequest, ApplyVersionResponse, ForwardBatchRequest, ForwardBatchResponse,
+    ForwardRequest, ForwardResponse, MembershipChange, MembershipChangeResponse, RaftPayload,
+    ReadIndexRequest, ReadIndexResponse,
 };
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -194,6 +196,15 @@ impl RaftPeer for PeerService {
             },
         };
         Ok(Response::new(response))
+    }
+
+    async fn apply_version(
+        &self,
+        _: Request<ApplyVersionRequest>,
+    ) -> Result<Response<ApplyVersionResponse>, Status> {
+        Ok(Response::new(ApplyVersionResponse {
+            apply_version_max: APPLY_VERSION_MAX,
+        }))
     }
 }
 

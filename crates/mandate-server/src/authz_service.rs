@@ -942,12 +942,21 @@ impl AuthzService {
     }
 }
 
-/// Leader housekeeping: expire grants, approvals and replay-cache entries that are due.
+/// Leader housekeeping: raise the cluster's apply version once every member applies a newer
+/// one, and expire grants, approvals and replay-cache entries that are due.
 pub async fn housekeeping(node: Arc<Node>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if node.metrics().current_leader == Some(node.id) {
+            match node.raise_apply_version().await {
+                Ok(Some(version)) => tracing::info!(version, "raised the cluster's apply version"),
+                Ok(None) => {}
+                // `cluster status` shows the version and what each member applies.
+                Err(e) => tracing::debug!(error = %e, "the apply version stays as it is"),
+            }
+        }
         // A full batch leaves more due: the next expiry is proposed at once, not a tick later,
         // so a backlog drains however fast authorizations arrive.
         while node.metrics().current_leader == Some(node.id) {

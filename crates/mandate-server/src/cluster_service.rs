@@ -10,6 +10,7 @@ use std::time::Duration;
 use mandate_core::pb::{self, command::Kind};
 use mandate_core::state::StateExt;
 use mandate_core::token::OperatorSecret;
+use mandate_core::version::{self, APPLY_VERSION_MAX};
 use mandate_core::{validate, DomainError};
 use mandate_proto::v1::cluster_client::ClusterClient;
 use mandate_proto::v1::cluster_server::Cluster;
@@ -88,6 +89,7 @@ impl ClusterService {
                 voter,
                 snapshot_index: m.snapshot.map_or(0, |l| l.index),
                 purged_index: m.purged.map_or(0, |l| l.index),
+                apply_version_max: APPLY_VERSION_MAX,
             }),
             leader: m.current_leader.unwrap_or(0),
             cluster_id: self
@@ -144,6 +146,7 @@ impl ClusterService {
                 root_token_id: root.id.clone(),
                 root_secret_sha256: root.secret_sha256(),
                 signing_key: self.signer.kek().map(crate::tokens::new_signing_key),
+                apply_version: APPLY_VERSION_MAX,
             })),
             audit_actor: self.hasher.token_id(&root.id),
             serving_node: self.node.id,
@@ -282,6 +285,8 @@ impl Cluster for ClusterService {
             term: metrics.current_term,
             members,
             served_by: self.node.id,
+            apply_version: version::current(&self.node.view)
+                .map_err(|e| Status::internal(e.to_string()))?,
         }))
     }
 

@@ -39,6 +39,7 @@ fn bootstrap() -> pb::Command {
             root_token_id: "tok_root".into(),
             root_secret_sha256: vec![1; 32],
             signing_key: None,
+            apply_version: mandate_core::version::APPLY_VERSION_MAX,
         })),
         ..Default::default()
     }
