@@ -346,3 +346,45 @@ fn a_node_started_with_join_becomes_a_learner_and_can_be_removed() {
         .iter()
         .any(|m| m["id"] == 5));
 }
+
+#[test]
+fn a_node_whose_state_asks_for_a_newer_apply_version_than_its_binary_refuses_to_start() {
+    use mandate_core::pb;
+    use prost::Message;
+
+    let mut c = DevCluster::start(1, 27400);
+    c.stop();
+    // As if the cluster had been raised past this binary's newest version by a newer release.
+    let too_new = mandate_core::version::APPLY_VERSION_MAX + 1;
+    let db = fjall::Database::builder(c.dir.path().join("node-1/state"))
+        .open()
+        .expect("open the node's state database");
+    let state = db
+        .keyspace("state", fjall::KeyspaceCreateOptions::default)
+        .expect("state keyspace");
+    let stored = state
+        .get(mandate_core::keys::CLUSTER)
+        .expect("read")
+        .expect("the cluster record is stored");
+    let mut cluster = pb::ClusterInfo::decode(stored.as_ref()).expect("decode");
+    cluster.apply_version = too_new;
+    state
+        .insert(mandate_core::keys::CLUSTER, cluster.encode_to_vec())
+        .expect("write");
+    db.persist(fjall::PersistMode::SyncAll).expect("persist");
+    drop(state);
+    drop(db);
+
+    let config = c.dir.path().join("node-1/config.toml");
+    let out = std::process::Command::new(common::MANDATE)
+        .args(["server", "--config", config.to_str().expect("utf-8")])
+        .output()
+        .expect("run the node");
+    assert!(!out.status.success(), "the node started");
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("apply version {too_new}"))
+            && err.contains("upgrade this node's binary"),
+        "{err}"
+    );
+}

@@ -101,6 +101,11 @@ impl Node {
         let schedule = SnapshotSchedule::new(timing.snapshot_logs_since_last)?;
         let (log, sm) = mandate_store::open(data_dir).map_err(|e| e.to_string())?;
         let view = sm.view();
+        // A binary too old for the state it finds (a node downgraded after its cluster raised
+        // the apply version) must not serve that state or apply to it.
+        version::current(&view)
+            .and_then(version::check_supported)
+            .map_err(|e| e.0)?;
         let peers = PeerClients::new(peer_tls);
         let network = NetworkFactory {
             peers: peers.clone(),
@@ -121,6 +126,20 @@ impl Node {
             peers,
             snapshot_turns,
         }))
+    }
+
+    /// Resolves when raft stops on its own: a storage fault (corrupt data, or an entry this
+    /// binary cannot apply) or another fatal error, which it returns.
+    pub async fn raft_stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft's metrics closed".into();
+            }
+        }
     }
 
     /// The current raft metrics of this node.
@@ -569,6 +588,25 @@ mod tests {
         assert_eq!(versions, vec![APPLY_VERSION_MAX, APPLY_VERSION_FIRST]);
         let raised = node.raise_apply_version().await.expect("answered");
         assert_eq!(raised, None, "raised past what node 2 applies");
+        assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_FIRST));
+    }
+
+    #[tokio::test]
+    async fn an_entry_raising_the_version_past_this_binary_stops_raft_with_the_fault() {
+        let (_dir, node) = cluster_at_the_first_version().await;
+        let raise = pb::Command {
+            kind: Some(pb::command::Kind::RaiseApplyVersion(
+                pb::RaiseApplyVersion {
+                    version: APPLY_VERSION_MAX + 1,
+                },
+            )),
+            ..Default::default()
+        };
+        assert!(node.write(raise).await.is_err(), "the entry was applied");
+        let fault = tokio::time::timeout(Duration::from_secs(10), node.raft_stopped())
+            .await
+            .expect("raft went on");
+        assert!(fault.contains("upgrade this node's binary"), "{fault}");
         assert_eq!(version::current(&node.view), Ok(APPLY_VERSION_FIRST));
     }
 

@@ -67,6 +67,8 @@ pub enum ServerError {
         listener: &'static str,
         source: tonic::transport::Error,
     },
+    #[error("raft stopped this node: {0}")]
+    RaftStopped(String),
 }
 
 /// Who a command is proposed for, as authenticated by the serving node.
@@ -349,7 +351,15 @@ pub async fn run(
         ));
     }
 
-    shutdown.await;
+    // A fault that stops raft stops the node: it exits with the fault rather than go on
+    // serving a state it can no longer keep current.
+    let stopped_by_raft = tokio::select! {
+        () = shutdown => None,
+        fault = node.raft_stopped() => {
+            tracing::error!(error = %fault, "raft stopped; the node stops");
+            Some(fault)
+        }
+    };
     tracing::info!("mandate node stopping");
     let _ = stop_tx.send(true);
     housekeeping.abort();
@@ -369,7 +379,10 @@ pub async fn run(
             Err(e) => return Err(ServerError::Start(format!("{listener} listener task: {e}"))),
         }
     }
-    Ok(())
+    match stopped_by_raft {
+        Some(fault) => Err(ServerError::RaftStopped(fault)),
+        None => Ok(()),
+    }
 }
 
 /// Asks the member at `join` to add this node as a learner, until it is a member.
