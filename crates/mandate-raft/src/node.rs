@@ -451,10 +451,14 @@ impl Node {
     /// Raises the cluster's apply version as far as every member applies, through the leader,
     /// and returns the version it raised to (`None`: nothing to raise, or no cluster yet).
     pub async fn raise_apply_version(&self) -> Result<Option<u32>, NodeError> {
-        let state = |e: mandate_core::StorageFault| NodeError::Unavailable(e.to_string());
-        let bootstrapped = self.view.cluster().map_err(state)?.is_some();
-        let current = version::current(&self.view).map_err(state)?;
-        if !bootstrapped || current >= APPLY_VERSION_MAX {
+        let cluster = self
+            .view
+            .cluster()
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let Some(current) = cluster.map(|c| version::effective(c.apply_version)) else {
+            return Ok(None);
+        };
+        if current >= APPLY_VERSION_MAX {
             return Ok(None);
         }
         let Some(to) = version::raise_to(current, self.members_apply_versions().await?) else {
